@@ -1,0 +1,132 @@
+"""Read documents for tokenizer training and sharding: JSONL(.zst) files with a text field, or trees of `.py` files.
+
+This is deliberately only a reader. The heavy filtering (quality classifier, dedup, decontamination) lives in its own
+pipeline; whatever it writes (JSONL) comes through here. Nothing is lost silently: every line or file that cannot be
+read is counted under a reason in the `Counter` the caller passes (or `DocumentReader.dropped`), so the caller can
+reconcile `read + sum(dropped) == seen`.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+
+
+class SourceError(ValueError):
+    """A path or option the user gave cannot be read; printed on one line by the CLIs."""
+
+
+def _open_text_lines(path: Path) -> Iterator[bytes]:
+    """Yield raw lines of a JSONL or JSONL.zst file (bytes: decoding errors are counted per line, not per file)."""
+    if path.name.endswith(".zst"):
+        import zstandard
+
+        with path.open("rb") as fh:
+            reader = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(fh))
+            yield from reader
+    else:
+        with path.open("rb") as fh:
+            yield from fh
+
+
+def _iter_jsonl(path: Path, text_field: str, dropped: Counter) -> Iterator[dict]:
+    for lineno, raw in enumerate(_open_text_lines(path), start=1):
+        if not raw.strip():
+            continue  # blank lines are layout, not documents
+        try:
+            record = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            dropped["bad_json"] += 1
+            continue
+        if not isinstance(record, dict) or text_field not in record:
+            dropped["missing_field"] += 1
+            continue
+        text = record[text_field]
+        if not isinstance(text, str):
+            dropped["missing_field"] += 1
+            continue
+        if not text:
+            dropped["empty"] += 1
+            continue
+        doc_id = record.get("id")
+        yield {"text": text, "id": str(doc_id) if doc_id is not None else f"{path.name}:{lineno}"}
+
+
+def _iter_tree(root: Path, suffixes: tuple[str, ...], dropped: Counter) -> Iterator[dict]:
+    # Sorted walk so the document order (and therefore the shards) is the same on every machine.
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            if not name.endswith(suffixes):
+                continue
+            path = Path(dirpath) / name
+            rel = path.relative_to(root).as_posix()
+            try:
+                data = path.read_bytes()
+            except OSError:
+                dropped["unreadable"] += 1
+                continue
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError:
+                dropped["not_utf8"] += 1
+                continue
+            if not text:
+                dropped["empty"] += 1
+                continue
+            yield {"text": text, "id": rel}
+
+
+def iter_documents(
+    paths: list[str],
+    *,
+    text_field: str = "text",
+    suffixes: tuple[str, ...] = (".py",),
+    dropped: Counter | None = None,
+) -> Iterator[dict]:
+    """Yield `{"text", "id"}` for every readable document of `paths`, in a deterministic order.
+
+    A path is a `.jsonl` / `.jsonl.zst` / `.json` file (one JSON object per line, text under `text_field`, optional
+    `id`; default id `FILE:LINE`), a single source file, or a directory walked in sorted order for files ending in
+    `suffixes` (id = path relative to that directory). Unreadable records are counted in `dropped` by reason:
+    bad_json, missing_field, empty, not_utf8, unreadable. All paths are checked before the first document is yielded,
+    so a typo fails at once rather than after an hour of tokenizing.
+    """
+    if dropped is None:
+        dropped = Counter()
+    resolved = [Path(p) for p in paths]
+    for p in resolved:
+        if not p.exists():
+            raise SourceError(f"input path {str(p)!r} does not exist (give JSONL/JSONL.zst files or directories)")
+    return _iter_all(resolved, text_field, suffixes, dropped)
+
+
+def _iter_all(paths: list[Path], text_field: str, suffixes: tuple[str, ...], dropped: Counter) -> Iterator[dict]:
+    for p in paths:
+        if p.is_dir():
+            yield from _iter_tree(p, suffixes, dropped)
+        elif p.name.endswith((".jsonl", ".jsonl.zst", ".json", ".ndjson")):
+            yield from _iter_jsonl(p, text_field, dropped)
+        else:
+            # A single plain source file: the same rules as inside a directory.
+            yield from _iter_tree_file(p, dropped)
+
+
+def _iter_tree_file(path: Path, dropped: Counter) -> Iterator[dict]:
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        dropped["not_utf8"] += 1
+        return
+    except OSError:
+        dropped["unreadable"] += 1
+        return
+    if not text:
+        dropped["empty"] += 1
+        return
+    yield {"text": text, "id": path.name}
