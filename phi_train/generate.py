@@ -1,0 +1,372 @@
+"""Batched incremental decoding with the KV cache, for sampling during training and for HumanEval/MBPP evaluation.
+
+How a batch is decoded (phi-1 reports greedy pass@1 on HumanEval and MBPP, arXiv 2306.11644 Table 1, so
+greedy must be exact; sampling serves pass@k):
+
+1. prompts are sorted by length (less padding), cut into batches and **left-padded**, so every row's next token sits
+   in the same column and one cache position per step serves the whole batch;
+2. each row gets its own positions (`arange - pad`) and a boolean mask that hides its padding, so a padded prompt
+   computes what it would alone;
+3. one prefill pass fills the cache, then one token per step; a row that emits EOS or whose new text contains a stop
+   string is finished and **dropped from the batch** (`KVCache.reorder`), so the batch shrinks as rows finish;
+4. completions are decoded, cut before the first stop string and returned in the caller's order.
+
+Sampling draws every row from its own `torch.Generator` seeded by `seed + prompt index`, so a prompt's sample does not
+depend on the batch size or on which other prompts share its batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from phi_train.config import ConfigError, ModelConfig
+from phi_train.model import KVCache, PhiModel, Rotary
+
+
+class GenerateError(ValueError):
+    """Bad generation arguments; one line naming the argument, its value and what would be valid."""
+
+
+class TextTokenizer(Protocol):
+    """What generation needs from a tokenizer (phi_train.tokenizer.Tokenizer has it)."""
+
+    eos_id: int
+    vocab_size: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+def prompt_budget(max_seq_len: int, max_new_tokens: int) -> int:
+    """Most prompt tokens kept (the last ones): room for max_new_tokens, but never less than half the context.
+
+    The model never saw sequences longer than max_seq_len (rotary positions beyond it are untrained), so a row also
+    stops when prompt + completion fill the context.
+    """
+    return max_seq_len - min(max_new_tokens, max_seq_len // 2)
+
+
+def _check_args(max_new_tokens: int, temperature: float, top_p: float, batch_size: int) -> None:
+    if max_new_tokens < 1:
+        raise GenerateError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    if temperature < 0:
+        raise GenerateError(f"temperature={temperature} must be >= 0 (0 = greedy)")
+    if not 0.0 < top_p <= 1.0:
+        raise GenerateError(f"top_p={top_p} must be in (0, 1]")
+    if batch_size < 1:
+        raise GenerateError(f"batch_size={batch_size} must be >= 1")
+
+
+def prefill_inputs(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, ...]:
+    """Left-padded ids (B, L), positions (B, L), pad counts (B,) and the prefill mask (B, 1, L, L).
+
+    The mask is causal and hides every row's padding. A padding query may still attend to itself: a query that sees no
+    key makes SDPA return NaN, and a NaN value vector poisons real rows too (0 * NaN = NaN in the softmax product).
+    """
+    L = max(len(p) for p in prompts)
+    pad = torch.tensor([L - len(p) for p in prompts], device=device)
+    ids = torch.full((len(prompts), L), pad_id, dtype=torch.long, device=device)
+    for row, p in enumerate(prompts):
+        ids[row, L - len(p) :] = torch.tensor(list(p), dtype=torch.long, device=device)
+    cols = torch.arange(L, device=device)
+    positions = (cols[None, :] - pad[:, None]).clamp(min=0)
+    causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()
+    real_key = cols[None, :] >= pad[:, None]  # (B, S)
+    mask = (causal[None] & real_key[:, None, :]) | torch.eye(L, dtype=torch.bool, device=device)[None]
+    return ids, positions, pad, mask[:, None]
+
+
+def sample_next(
+    logits: torch.Tensor, temperature: float, top_p: float, generators: list[torch.Generator] | None
+) -> torch.Tensor:
+    """Next token per row from logits (B, V): argmax when temperature == 0, else temperature + nucleus sampling.
+
+    Nucleus (Holtzman et al. 2020): keep the smallest set of most likely tokens whose mass reaches top_p (the most
+    likely token always stays), renormalise, draw.
+    """
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        mass_before = sorted_p.cumsum(dim=-1) - sorted_p
+        sorted_p = sorted_p.masked_fill(mass_before >= top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    assert generators is not None and len(generators) == probs.shape[0]
+    return torch.stack([torch.multinomial(probs[row], 1, generator=g)[0] for row, g in enumerate(generators)])
+
+
+class _StopWatch:
+    """Finds stop strings in the newest text of a row cheaply: decode only a window of the last tokens.
+
+    A stop string that ends in the newest token spans at most 4 tokens per character (byte-fallback pieces of a 4-byte
+    UTF-8 character), so a window of 4 * longest + 4 tokens sees it whole, with spare tokens in front so that
+    SentencePiece's dropped leading space of the window's first piece cannot hide it.
+    """
+
+    def __init__(self, tokenizer: TextTokenizer, stop: Sequence[str]):
+        self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
+        self.window = 4 * max((len(s) for s in self.stop), default=0) + 4
+
+    def hit(self, new_ids: list[int]) -> bool:
+        if not self.stop:
+            return False
+        tail = self.tokenizer.decode(new_ids[-self.window :])
+        return any(s in tail for s in self.stop)
+
+
+@torch.inference_mode()
+def generate_ids(
+    model: PhiModel,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    eos_id: int | None = None,
+    vocab_size: int | None = None,
+    seed: int = 0,
+    batch_size: int = 16,
+    should_stop=None,
+    progress: bool = False,
+) -> list[list[int]]:
+    """New token ids for every prompt (ids in), in the caller's order; EOS is not included.
+
+    `vocab_size`: the tokenizer's size; logits of the padding rows of the embedding (vocab padded to 64) are masked.
+    `should_stop(new_ids) -> bool`: a text-level stop test, called after each new token of a row.
+    Prompts longer than `prompt_budget(...)` keep their last tokens; no row grows past the model's max_seq_len.
+    """
+    cfg: ModelConfig = model.cfg
+    _check_args(max_new_tokens, temperature, top_p, batch_size)
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise GenerateError(f"prompt {i} is empty; give at least one token (e.g. the EOS id that starts documents)")
+    keep = prompt_budget(cfg.max_seq_len, max_new_tokens)
+    prompts = [list(p)[-keep:] for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # longest first: any OOM shows up at once
+    out: list[list[int]] = [[] for _ in prompts]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(prompts), desc="generate", unit="prompt")
+    try:
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            results = _generate_batch(
+                model,
+                [prompts[i] for i in rows],
+                rows,
+                max_new_tokens,
+                temperature,
+                top_p,
+                eos_id,
+                vocab_size,
+                seed,
+                should_stop,
+                device,
+            )
+            for i, ids in zip(rows, results):
+                out[i] = ids
+            if bar is not None:
+                bar.update(len(rows))
+    finally:
+        model.train(was_training)
+        if bar is not None:
+            bar.close()
+    return out
+
+
+def _next_logits(model: PhiModel, ids: torch.Tensor, **kw) -> torch.Tensor:
+    """Logits (B, V) of the last position only: the LM head over a whole prefill would be B x L x V floats (16 prompts
+    of 1.5k tokens x 51k vocabulary = 5 GB in fp32) just to throw all but one column away."""
+    hidden = model(ids, return_hidden=True, **kw)
+    return model.lm_head(hidden[:, -1])
+
+
+def _generate_batch(
+    model: PhiModel,
+    prompts: list[list[int]],
+    indices: list[int],
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    eos_id: int | None,
+    vocab_size: int | None,
+    seed: int,
+    should_stop,
+    device: torch.device,
+) -> list[list[int]]:
+    """New ids of one left-padded batch; `indices` are the prompts' positions in the caller's list (sampling seeds)."""
+    cfg = model.cfg
+    B = len(prompts)
+    ids, positions, pad, mask = prefill_inputs(prompts, pad_id=eos_id if eos_id is not None else 0, device=device)
+    L = ids.shape[1]
+    limit = [min(max_new_tokens, cfg.max_seq_len - len(p)) for p in prompts]  # per row: stay inside the context
+    steps = max(limit)
+    dtype = next(model.parameters()).dtype
+    cache = KVCache(cfg.n_layer, B, cfg.n_head, L + steps, cfg.head_dim, device, dtype)
+    generators = None
+    if temperature > 0:
+        generators = [torch.Generator(device=device).manual_seed(seed + i) for i in indices]
+    new: list[list[int]] = [[] for _ in range(B)]
+    alive = list(range(B))  # batch row -> index into `new`
+    logits = _next_logits(model, ids, positions=positions, attn_mask=mask, cache=cache)
+    for step in range(steps):
+        if vocab_size is not None and vocab_size < logits.shape[-1]:
+            logits[:, vocab_size:] = float("-inf")
+        nxt = sample_next(logits, temperature, top_p, generators)
+        keep: list[int] = []
+        for row, token in enumerate(nxt.tolist()):
+            seq = new[alive[row]]
+            if token == eos_id:
+                continue
+            seq.append(token)
+            if len(seq) >= limit[alive[row]] or (should_stop is not None and should_stop(seq)):
+                continue
+            keep.append(row)
+        if not keep or step == steps - 1:
+            break
+        if len(keep) < len(alive):  # drop finished rows: the batch shrinks, so does every later step's work
+            index = torch.tensor(keep, device=device)
+            cache.reorder(index)
+            nxt, pad = nxt[index], pad[index]
+            alive = [alive[r] for r in keep]
+            if generators is not None:
+                generators = [generators[r] for r in keep]
+        S = cache.length + 1
+        step_mask = (torch.arange(S, device=device)[None, :] >= pad[:, None])[:, None, None, :]  # (B, 1, 1, S)
+        step_pos = (cache.length - pad)[:, None]
+        logits = _next_logits(model, nxt[:, None], positions=step_pos, attn_mask=step_mask, cache=cache)
+    return new
+
+
+def _completion_text(tokenizer: TextTokenizer, prompt_ids: list[int], new_ids: list[int]) -> str:
+    """Decode the completion as it reads after the prompt: SentencePiece drops the leading space of a sequence's first
+    piece, so decoding the new ids alone would lose a space the model did write; decode prompt + new, strip the prompt."""
+    if not new_ids:
+        return ""
+    head = tokenizer.decode(prompt_ids)
+    full = tokenizer.decode(prompt_ids + new_ids)
+    return full[len(head) :] if full.startswith(head) else tokenizer.decode(new_ids)
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """The text before the earliest stop string."""
+    cut = len(text)
+    for s in stop:
+        if s and (i := text.find(s)) != -1:
+            cut = min(cut, i)
+    return text[:cut]
+
+
+def generate(
+    model: PhiModel,
+    tokenizer: TextTokenizer,
+    prompts: list[str],
+    *,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    stop: Sequence[str] = (),
+    seed: int = 0,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> list[str]:
+    """Completions only (prompt not repeated), each cut before its first stop string, in the order of `prompts`.
+
+    An empty prompt starts from EOS, the separator the model saw in front of every training document.
+    """
+    if isinstance(prompts, str):
+        raise GenerateError("prompts must be a list of strings, got a single string (wrap it: [prompt])")
+    encoded = [tokenizer.encode(p) or [tokenizer.eos_id] for p in prompts]
+    watch = _StopWatch(tokenizer, stop)
+    new = generate_ids(
+        model,
+        encoded,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        eos_id=tokenizer.eos_id,
+        vocab_size=tokenizer.vocab_size,
+        seed=seed,
+        batch_size=batch_size,
+        should_stop=watch.hit if watch.stop else None,
+        progress=progress,
+    )
+    keep = prompt_budget(model.cfg.max_seq_len, max_new_tokens)
+    return [cut_at_stop(_completion_text(tokenizer, p[-keep:], n), stop) for p, n in zip(encoded, new)]
+
+
+def build_model(
+    cfg: ModelConfig, state: dict[str, torch.Tensor], device="cpu", dtype: torch.dtype | None = None
+) -> PhiModel:
+    """A PhiModel holding `state`, without paying for a random init first (built on the meta device).
+
+    The rotary tables are rebuilt after the dtype cast: they are fp32 on purpose (model.py's apply_rotary), and a
+    blanket `.to(bfloat16)` would round them.
+    """
+    vocab = state["wte.weight"].shape[0]
+    with torch.device("meta"):
+        model = PhiModel(cfg, vocab_size=vocab)
+    if model.vocab_size != vocab:
+        raise ConfigError(
+            f"checkpoint embedding has {vocab} rows but model.vocab_size={cfg.vocab_size} pads to {model.vocab_size}"
+        )
+    model.load_state_dict(state, strict=True, assign=True)
+    model.rotary = Rotary(cfg.rotary_dim, cfg.max_seq_len, cfg.rotary_base)  # its buffers were never materialised
+    model.to(device=device, dtype=dtype)
+    model.rotary = Rotary(cfg.rotary_dim, cfg.max_seq_len, cfg.rotary_base).to(device)
+    return model.eval()
+
+
+def load_for_inference(path: str, device="cpu", dtype: torch.dtype | None = None, tag: str | None = None):
+    """(PhiModel, Tokenizer) from a phi_train checkpoint directory or a transformers Phi export (has config.json)."""
+    from phi_train.tokenizer import Tokenizer
+
+    p = Path(path)
+    if (p / "config.json").exists():
+        from phi_train.interop import import_hf
+
+        cfg, state = import_hf(p)
+        tok_path = p / "tokenizer.model"
+        if not tok_path.exists():
+            raise ConfigError(f"{p} has config.json but no tokenizer.model (export with launch/export.py)")
+    else:
+        from phi_train.checkpoint import load_model_state
+
+        cfg, state, meta = load_model_state(str(p), tag)
+        tok = meta.get("tokenizer")
+        tok_path = tok.get("path") if isinstance(tok, dict) else tok
+        if not tok_path:
+            raise ConfigError(f"checkpoint {p} does not record its tokenizer (meta.json key 'tokenizer')")
+    return build_model(cfg, state, device, dtype), Tokenizer(str(tok_path))
+
+
+@torch.inference_mode()
+def embed_texts(model: PhiModel, tokenizer: TextTokenizer, texts: Sequence[str], *, max_tokens: int = 512,
+                batch_size: int = 16) -> torch.Tensor:  # fmt: skip
+    """Mean-pooled final hidden states (after ln_f), one row per text: the embedding phi-1 §2.1 fits its quality
+    classifier on. Texts are cut to their first `max_tokens` tokens; padding is excluded from the mean."""
+    device = next(model.parameters()).device
+    max_tokens = min(max_tokens, model.cfg.max_seq_len)
+    out = []
+    for i in range(0, len(texts), batch_size):
+        ids = [tokenizer.encode(t)[:max_tokens] or [tokenizer.eos_id] for t in texts[i : i + batch_size]]
+        width = max(len(x) for x in ids)
+        batch = torch.full((len(ids), width), tokenizer.eos_id, dtype=torch.long, device=device)
+        keep = torch.zeros(len(ids), width, 1, device=device)
+        for row, x in enumerate(ids):  # right padding: causal attention keeps real tokens blind to it
+            batch[row, : len(x)] = torch.tensor(x, device=device)
+            keep[row, : len(x)] = 1.0
+        hidden = model(batch, return_hidden=True).float()  # (B, T, C)
+        out.append((hidden * keep).sum(1) / keep.sum(1))
+    return torch.cat(out).cpu()

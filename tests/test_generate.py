@@ -1,0 +1,188 @@
+"""Generation with the KV cache equals recomputing the full sequence, padding changes nothing, sampling is seeded."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest
+import torch
+
+from phi_train.config import model_config
+from phi_train.generate import GenerateError, cut_at_stop, generate, generate_ids, prefill_inputs, sample_next
+from phi_train.model import PhiModel
+
+torch.set_num_threads(1)
+VOCAB = 120  # not a multiple of 64: the padded rows 120..127 must never be emitted
+
+
+def tiny_model(seed: int = 0, vocab: int = VOCAB) -> PhiModel:
+    # init_std 0.2 (not 0.02): well-separated logits, so argmax is not decided by float rounding between code paths
+    cfg = model_config(
+        preset="phi1_tiny", n_layer=2, d_model=128, n_head=2, d_mlp=256, vocab_size=vocab, max_seq_len=96, init_std=0.2
+    )
+    torch.manual_seed(seed)
+    return PhiModel(cfg).eval()
+
+
+def reference_greedy(model: PhiModel, prompt: list[int], n: int, vocab: int) -> tuple[list[int], float]:
+    """No cache, no padding: run the whole sequence again for every new token. Returns ids and the smallest top-2 gap."""
+    seq, gap = list(prompt), float("inf")
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([seq]))[0, -1, :vocab]
+            top = logits.topk(2).values
+            gap = min(gap, float(top[0] - top[1]))
+            seq.append(int(logits.argmax()))
+    return seq[len(prompt) :], gap
+
+
+PROMPTS = [[5, 17, 3], [9] * 11, [44], [1, 2, 3, 4, 5, 6, 7], [100, 7, 7, 80, 2, 63]]
+
+
+def test_cached_greedy_equals_full_recompute_for_a_padded_batch():
+    model = tiny_model()
+    n = 20
+    expected = []
+    for p in PROMPTS:
+        ids, gap = reference_greedy(model, p, n, VOCAB)
+        assert gap > 1e-3, "test model too close to a tie for an exact comparison"
+        expected.append(ids)
+    got = generate_ids(model, PROMPTS, max_new_tokens=n, vocab_size=VOCAB, batch_size=16)
+    assert got == expected
+    # each prompt alone (no padding at all) gives the same, and so do small batches (different padding partners)
+    assert [generate_ids(model, [p], max_new_tokens=n, vocab_size=VOCAB)[0] for p in PROMPTS] == expected
+    assert generate_ids(model, PROMPTS, max_new_tokens=n, vocab_size=VOCAB, batch_size=2) == expected
+    assert all(t < VOCAB for ids in got for t in ids)
+
+
+def test_rows_finishing_at_eos_leave_the_batch_and_the_rest_are_unchanged():
+    model = tiny_model()
+    n = 20
+    full = [reference_greedy(model, p, n, VOCAB)[0] for p in PROMPTS]
+    eos = full[0][3]  # a token prompt 0 emits at step 3: that row stops early, others stop wherever it shows up
+    expected = [ids[: ids.index(eos)] if eos in ids else ids for ids in full]
+    assert len({len(e) for e in expected}) > 1, "rows should finish at different steps"
+    batch_sizes: list[int] = []
+    hook = model.wte.register_forward_hook(lambda m, inp, out: batch_sizes.append(inp[0].shape[0]))
+    got = generate_ids(model, PROMPTS, max_new_tokens=n, eos_id=eos, vocab_size=VOCAB)
+    hook.remove()
+    assert got == expected
+    assert batch_sizes[0] == len(PROMPTS) and min(batch_sizes) < len(PROMPTS)  # the batch shrank as rows finished
+    assert batch_sizes == sorted(batch_sizes, reverse=True)
+    # one forward per token of the longest row (its EOS included), none for a token that ends at max_new_tokens
+    assert len(batch_sizes) == min(n, 1 + max(len(e) for e in expected))
+
+
+def test_prefill_mask_hides_padding_and_keeps_pad_queries_finite():
+    ids, positions, pad, mask = prefill_inputs([[1, 2, 3], [4]], pad_id=0, device="cpu")
+    assert ids.tolist() == [[1, 2, 3], [0, 0, 4]]
+    assert positions.tolist() == [[0, 1, 2], [0, 0, 0]]
+    assert pad.tolist() == [0, 2]
+    m = mask[:, 0]
+    assert m[0].tolist() == torch.ones(3, 3, dtype=torch.bool).tril().tolist()
+    assert m[1, 2].tolist() == [False, False, True]  # the real token sees only itself, never the padding
+    assert all(m[1, i].any() for i in range(3))  # every padding query sees at least one key: no NaN from SDPA
+
+
+def test_sampling_is_reproducible_and_independent_of_batch_company():
+    model = tiny_model()
+    kw = {"max_new_tokens": 15, "vocab_size": VOCAB, "temperature": 1.0, "top_p": 0.9}
+    a = generate_ids(model, PROMPTS, seed=7, **kw)
+    assert a == generate_ids(model, PROMPTS, seed=7, **kw)
+    assert a != generate_ids(model, PROMPTS, seed=8, **kw)
+    assert a != generate_ids(model, PROMPTS, **{**kw, "temperature": 0.0})
+    # prompt i draws from generator seed + i, whatever else is in its batch
+    assert generate_ids(model, PROMPTS, seed=7, batch_size=2, **kw) == a
+    # the same prompt twice gets two different samples (pass@k needs that)
+    twice = generate_ids(model, [PROMPTS[0], PROMPTS[0]], seed=7, **kw)
+    assert twice[0] == a[0] and twice[1] != twice[0]
+
+
+def test_nucleus_keeps_only_the_top_mass():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    gens = [torch.Generator().manual_seed(0)]
+    draws = {int(sample_next(logits, 1.0, 0.7, gens)) for _ in range(300)}
+    assert draws == {0, 1}  # 0.5 < 0.7 so the nucleus is {0, 1}
+    assert {int(sample_next(logits, 1.0, 0.4, gens)) for _ in range(50)} == {0}  # most likely token always kept
+    assert {int(sample_next(logits, 1.0, 1.0, gens)) for _ in range(500)} == {0, 1, 2, 3}
+    assert int(sample_next(logits, 0.0, 1.0, None)) == 0
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    from data_tools.tokenizer import train_tokenizer
+    from phi_train.tokenizer import Tokenizer
+
+    texts = [
+        "def add(a, b):\n    return a + b\n",
+        "for i in range(10):\n    print(i * 2)\n",
+        "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n",
+        "if x > 0:\n    y = x\nelse:\n    y = -x\n",
+    ] * 40
+    path = train_tokenizer(texts, tmp_path_factory.mktemp("tok"), vocab_size=320, num_threads=1)
+    return Tokenizer(path)
+
+
+def test_text_generation_cuts_at_stop_strings_and_stops_early(tokenizer):
+    model = tiny_model(seed=3, vocab=tokenizer.vocab_size)
+    prompts = ["def add(a, b):\n", "class Point:\n    def", "x"]
+    free = generate(model, tokenizer, prompts, max_new_tokens=40)
+    assert all(isinstance(t, str) for t in free) and all(free)
+    # the text equals decoding the generated ids after the prompt
+    ids = generate_ids(
+        model,
+        [tokenizer.encode(p) for p in prompts],
+        max_new_tokens=40,
+        eos_id=tokenizer.eos_id,
+        vocab_size=tokenizer.vocab_size,
+    )
+    assert free == [tokenizer.decode(tokenizer.encode(p) + i)[len(p) :] for p, i in zip(prompts, ids)]
+    # a stop string taken from the middle of the first completion: output cut right before it, and decoding stops there
+    text = free[0]
+    stop = text[len(text) // 3 : len(text) // 3 + 3]
+    calls: list[int] = []
+    hook = model.wte.register_forward_hook(lambda m, inp, out: calls.append(1))
+    [cut] = generate(model, tokenizer, [prompts[0]], max_new_tokens=40, stop=[stop, "@@never@@"])
+    hook.remove()
+    assert cut == text[: text.index(stop)]
+    assert len(calls) < 1 + 40
+    assert generate(model, tokenizer, prompts, max_new_tokens=40, stop=[stop])[1:] == [
+        cut_at_stop(t, [stop]) for t in free[1:]
+    ]
+
+
+def test_empty_prompt_starts_from_eos_and_bad_arguments_are_one_line_errors(tokenizer):
+    model = tiny_model(seed=3, vocab=tokenizer.vocab_size)
+    assert isinstance(generate(model, tokenizer, [""], max_new_tokens=5)[0], str)
+    for kw, word in [
+        ({"max_new_tokens": 0}, "max_new_tokens=0"),
+        ({"temperature": -1.0}, "temperature=-1.0"),
+        ({"top_p": 0.0}, "top_p=0.0"),
+        ({"batch_size": 0}, "batch_size=0"),
+    ]:
+        with pytest.raises(GenerateError, match=word) as err:
+            generate(model, tokenizer, ["x"], **kw)
+        assert "\n" not in str(err.value)
+    with pytest.raises(GenerateError, match="single string"):
+        generate(model, tokenizer, "def f():")
+
+
+def test_cut_at_stop_takes_the_earliest():
+    assert cut_at_stop("a\ndef b\nclass c", ["\nclass", "\ndef"]) == "a"
+    assert cut_at_stop("abc", []) == "abc"
+    assert cut_at_stop("abc", [""]) == "abc"
+
+
+def test_sequences_stay_inside_the_context():
+    model = tiny_model()  # max_seq_len 96
+    long = list(range(1, 100))  # 99 tokens > 96 - 10 new tokens: the last 86 are kept
+    [a] = generate_ids(model, [long], max_new_tokens=10, vocab_size=VOCAB)
+    [b] = generate_ids(model, [long[-86:]], max_new_tokens=10, vocab_size=VOCAB)
+    assert a == b and len(a) == 10
+    # more new tokens than the context holds: the prompt keeps half the context, each row stops when it is full
+    short, mid = [3, 4], list(range(1, 40))
+    out = generate_ids(model, [short, mid, long], max_new_tokens=500, vocab_size=VOCAB)
+    assert [len(o) for o in out] == [96 - 2, 96 - 39, 96 - 48]
+    assert out[2] == generate_ids(model, [long[-48:]], max_new_tokens=500, vocab_size=VOCAB)[0]
