@@ -1,0 +1,457 @@
+"""The training engine: the resolved config in, a trained and checkpointed model out.
+
+DeepSpeed does the optimizer step, gradient accumulation, clipping, mixed precision and ZeRO partitioning; this file
+builds its config, feeds it batches from the shard stream, logs, evaluates, and saves/resumes checkpoints whose client
+state (step, tokens seen, each rank's stream position and RNG state, the resolved config) makes a resumed run see and
+compute exactly what the uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from phi_train import checkpoint as ckpt
+from phi_train.config import Config, ConfigError, to_object
+from phi_train.model import PhiModel
+
+# Dense bf16 peaks (FLOP/s) for MFU by PaLM's definition; unknown devices report no MFU rather than a made-up one.
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "A10G": 125e12, "L4": 121e12, "L40S": 362e12}
+
+
+def device_peak_flops() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((peak for key, peak in PEAK_BF16.items() if key in name), None)
+
+
+def lr_lambda(step: int, warmup: int, max_steps: int, lr: float, min_lr: float) -> float:
+    """Multiplier of the peak lr: linear warmup, then linear decay to min_lr at max_steps (phi-1 §2.3)."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    frac = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+    return (lr - frac * (lr - min_lr)) / lr
+
+
+def precision(conf: Config) -> str:
+    if conf.train.precision != "auto":
+        return conf.train.precision
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def deepspeed_config(conf: Config, world_size: int) -> dict:
+    """DeepSpeed's JSON config, derived from ours so there is one source of truth."""
+    t, z = conf.train, conf.deepspeed
+    per_step = t.micro_batch_size * world_size
+    if t.global_batch_size % per_step:
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} is not a multiple of train.micro_batch_size={t.micro_batch_size}"
+            f" x world_size={world_size} = {per_step}; pick a global batch that is"
+        )
+    zero: dict = {
+        "stage": z.zero_stage,
+        "overlap_comm": z.overlap_comm,
+        "contiguous_gradients": z.contiguous_gradients,
+        "reduce_bucket_size": z.reduce_bucket_size,
+        "allgather_bucket_size": z.allgather_bucket_size,
+    }
+    if z.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if z.offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    prec = precision(conf)
+    return {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.global_batch_size // per_step,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": prec == "bf16"},
+        "fp16": {"enabled": prec == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": t.lr,
+                "betas": [t.beta1, t.beta2],
+                "eps": t.adam_eps,
+                "weight_decay": t.weight_decay,
+                # GPUs: DeepSpeed's FusedAdam. CPU: torch's AdamW — DeepSpeed's CPU build of FusedAdam rounds the
+                # first update after a checkpoint load differently (1 ulp), which would break bit-exact resume.
+                "torch_adam": not torch.cuda.is_available(),
+            },
+        },
+        "steps_per_print": 10**9,  # we log ourselves
+        "wall_clock_breakdown": False,
+    }
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases, LayerNorms and embeddings (GPT-NeoX, nanoGPT): decay only matmul weights."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if p.dim() >= 2 and not name.startswith("wte") else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def single_process_env() -> None:
+    """`python launch/train.py` without a launcher (a Hydra multirun, a notebook): a world of one on a free port."""
+    if "RANK" in os.environ:
+        return
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(
+        RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+
+
+def local_tokenizer(data_path: str, manifest: dict, run_dir: Path) -> str:
+    """The shards' own tokenizer.model as a local file (fetched into the run directory when shards are remote)."""
+    import hashlib
+
+    import webdataset as wds
+
+    from phi_train.data import DataError, _is_url, shard_url
+
+    url = shard_url(data_path, "tokenizer.model")
+    if not _is_url(data_path):
+        local = Path(url)
+    else:
+        local = run_dir / "tokenizer.model"
+        if not local.exists():
+            local.parent.mkdir(parents=True, exist_ok=True)
+            with wds.gopen(url, "rb") as fh:
+                local.write_bytes(fh.read())
+    if not local.exists():
+        raise DataError(f"{url} is missing: shards must carry the tokenizer they were written with")
+    want = manifest["tokenizer"]["sha256"]
+    if hashlib.sha256(local.read_bytes()).hexdigest() != want:
+        raise DataError(
+            f"{url} does not match the manifest's tokenizer sha256 {want[:12]}...: shards and tokenizer differ"
+        )
+    return str(local)
+
+
+def fault(point: str) -> None:
+    """Test hook: PHI_TRAIN_FAULT=step:N kills this process mid-step N, save:N between writing checkpoint N and
+    committing it — real SIGKILLs at chosen moments, for the resume tests."""
+    if os.environ.get("PHI_TRAIN_FAULT") == point:
+        os.kill(os.getpid(), 9)
+
+
+def gather(obj) -> list:
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+class Trainer:
+    """One training run. `fit()` resumes if it can, trains to `max_steps`, and returns a summary dict."""
+
+    def __init__(self, cfg: DictConfig):
+        import deepspeed
+
+        from phi_train.data import TokenStream, read_manifest
+        from phi_train.tokenizer import Tokenizer
+
+        self.conf: Config = to_object(cfg)
+        self.resolved = OmegaConf.to_container(cfg, resolve=True)
+        conf = self.conf
+        self.manifest = read_manifest(conf.data.path)  # before any process group: a wrong path fails fast
+        if not dist.is_initialized():
+            single_process_env()
+            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        )
+
+        self.run_dir = Path(conf.run_dir or HydraConfig.get().runtime.output_dir)
+        self.ckpt_dir = Path(conf.train.ckpt_dir or self.run_dir / "checkpoints")
+        self.seq_len = conf.data.seq_len or self.manifest["seq_len"]
+        if self.seq_len > self.manifest["seq_len"]:
+            raise ConfigError(
+                f"data.seq_len={self.seq_len} is longer than the shards' seq_len={self.manifest['seq_len']}"
+            )
+        if self.seq_len > conf.model.max_seq_len:
+            raise ConfigError(f"data seq_len={self.seq_len} exceeds model.max_seq_len={conf.model.max_seq_len}")
+        self.tokenizer = Tokenizer(local_tokenizer(conf.data.path, self.manifest, self.run_dir))
+
+        torch.manual_seed(conf.train.seed)  # identical init on every rank
+        model = PhiModel(conf.model, vocab_size=self.tokenizer.vocab_size)
+        model.activation_checkpointing = conf.train.activation_checkpointing
+        if conf.train.compile:
+            for block in model.blocks:
+                block.compile()
+        self.vocab_size = model.vocab_size
+        self.n_params = model.num_params()
+        self.flops_per_token = model.flops_per_token(self.seq_len)
+        if conf.train.init_from:
+            _, state, _ = ckpt.load_model_state(conf.train.init_from)
+            model.load_state_dict(state)
+
+        t = conf.train
+        self.ds_config = deepspeed_config(conf, self.world)
+        self.grad_accum = self.ds_config["gradient_accumulation_steps"]
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model,
+            model_parameters=param_groups(model, t.weight_decay),
+            config=self.ds_config,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda s: lr_lambda(s, t.warmup_steps, t.max_steps, t.lr, t.min_lr)
+            ),
+        )
+        d = conf.data
+        self.stream = TokenStream(
+            d.path, "train", seq_len=self.seq_len, micro_batch_size=t.micro_batch_size, rank=self.rank,
+            world_size=self.world, num_workers=d.num_workers, seed=d.seed, shuffle_buffer=d.shuffle_buffer,
+            on_bad_shard=d.on_bad_shard,
+        )  # fmt: skip
+        self.step = 0
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.pending: list[tuple[int, torch.Tensor, float, float]] = []  # (step, loss, lr, seconds) awaiting a log
+        self.wandb = None
+
+    # ---------------------------------------------------------------- checkpoints
+    def save(self) -> None:
+        tag = ckpt.tag_for(self.step)
+        client = {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "stream": gather(self.stream.state_dict()),
+            "rng": gather(rng_state()),
+        }
+        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client, save_latest=False)
+        dist.barrier()
+        fault(f"save:{self.step}")
+        if self.rank == 0:
+            shutil.copy(self.tokenizer.path, self.ckpt_dir / tag / "tokenizer.model")
+            meta = {
+                "format": 1,
+                "step": self.step,
+                "tokens_seen": self.tokens_seen,
+                "world_size": self.world,
+                "model": asdict(self.conf.model),
+                "vocab_size": self.vocab_size,
+                "tokenizer": {"path": "tokenizer.model", "sha256": self.tokenizer.sha256},
+                "config": self.resolved,
+            }
+            ckpt.commit(self.ckpt_dir, tag, meta, self.conf.train.keep_last)
+        dist.barrier()
+
+    def maybe_resume(self) -> bool:
+        tag = ckpt.latest_tag(self.ckpt_dir) if self.conf.train.resume else None
+        if tag is None:
+            return False
+        where = str(self.ckpt_dir / tag)
+        ckpt.check_compatible(ckpt.read_meta(self.ckpt_dir, tag), self.conf.model, self.vocab_size, self.world, where)
+        _, client = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
+        if client is None:
+            raise ConfigError(f"DeepSpeed could not load checkpoint {where}")
+        self.step = client["step"]
+        self.stream.load_state_dict(client["stream"][self.rank])
+        set_rng_state(client["rng"][self.rank])
+        if self.rank == 0 and self.metrics_path.exists():  # steps after the checkpoint will be recomputed: drop them
+            kept = [
+                line for line in self.metrics_path.read_text().splitlines() if json.loads(line)["step"] <= self.step
+            ]
+            ckpt.write_atomic(self.metrics_path, "".join(f"{line}\n" for line in kept))
+        return True
+
+    @property
+    def tokens_seen(self) -> int:
+        return self.step * self.conf.train.global_batch_size * self.seq_len
+
+    # ---------------------------------------------------------------- the step
+    def train_step(self, batches) -> torch.Tensor:
+        """One optimizer step: `grad_accum` micro-batches through DeepSpeed. Returns the mean loss (no host sync)."""
+        total = torch.zeros((), device=self.device)
+        for _ in range(self.grad_accum):
+            tokens = next(batches).to(self.device, non_blocking=True)
+            inputs, labels = tokens[:, : self.seq_len], tokens[:, 1 : self.seq_len + 1]
+            loss = self.engine(inputs, labels)
+            self.engine.backward(loss)
+            fault(f"step:{self.step + 1}")
+            self.engine.step()
+            total += loss.detach().float()
+        return total / self.grad_accum
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean validation loss over `eval_batches` micro-batches per rank, averaged across ranks."""
+        from phi_train.data import TokenStream
+
+        t, d = self.conf.train, self.conf.data
+        if not self.manifest["splits"].get("val", {}).get("shards"):
+            return float("nan")
+        val = TokenStream(
+            d.path, "val", seq_len=self.seq_len, micro_batch_size=t.micro_batch_size, rank=self.rank,
+            world_size=self.world, num_workers=0, seed=d.seed, shuffle_buffer=1, on_bad_shard=d.on_bad_shard, loop=True,
+        )  # fmt: skip
+        self.engine.eval()
+        total, it = torch.zeros(2, device=self.device), iter(val)
+        for _ in range(t.eval_batches):
+            tokens = next(it).to(self.device)
+            total[0] += self.engine(tokens[:, : self.seq_len], tokens[:, 1 : self.seq_len + 1]).float()
+            total[1] += 1
+        self.engine.train()
+        dist.all_reduce(total)
+        return (total[0] / total[1]).item()
+
+    # ---------------------------------------------------------------- logging
+    def flush_metrics(self, extra: dict | None = None) -> dict | None:
+        """Write every pending step's loss (one host sync for the whole interval) and return the last record."""
+        if not self.pending:
+            return None
+        losses = torch.stack([p[1] for p in self.pending])
+        dist.all_reduce(losses)
+        losses = (losses / self.world).tolist()
+        seconds = sum(p[3] for p in self.pending)
+        tokens = len(self.pending) * self.conf.train.global_batch_size * self.seq_len
+        tok_s = tokens / max(seconds, 1e-9)
+        peak = device_peak_flops()
+        rec = None
+        if self.rank == 0:
+            with open(self.metrics_path, "a") as f:
+                for (step, _, lr, _), loss in zip(self.pending, losses):
+                    rec = {"step": step, "loss": loss, "lr": lr}
+                    f.write(json.dumps(rec) + "\n")
+            rec = {
+                **rec,
+                "tokens_seen": self.tokens_seen,
+                "tokens_per_s": tok_s,
+                "tokens_per_s_per_device": tok_s / self.world,
+                "grad_norm": float(self.engine.get_global_grad_norm() or float("nan")),
+                "mfu": (self.flops_per_token * tok_s / self.world / peak) if peak else None,
+                **(extra or {}),
+            }
+            if self.wandb is not None:
+                self.wandb.log({k: v for k, v in rec.items() if v is not None}, step=rec["step"])
+        self.pending.clear()
+        return rec
+
+    def init_logging(self) -> None:
+        if self.rank != 0:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.resolved.yaml").write_text(OmegaConf.to_yaml(self.resolved))
+        w = self.conf.logging.wandb
+        if w.mode != "disabled":
+            import wandb
+
+            self.wandb = wandb.init(
+                project=w.project, entity=w.entity, group=w.group, tags=list(w.tags), mode=w.mode,
+                dir=str(self.run_dir), name=self.run_dir.name, id=self.run_dir.name.replace("/", "-"),
+                resume="allow", config=self.resolved,
+            )  # fmt: skip
+
+    # ---------------------------------------------------------------- the loop
+    def fit(self) -> dict:
+        t = self.conf.train
+        self.init_logging()
+        resumed = self.maybe_resume()
+        start_step = self.step
+        if self.rank == 0:
+            print(
+                f"phi-train: {self.conf.model.name} {self.n_params / 1e6:.1f}M params | world {self.world} | "
+                f"global batch {t.global_batch_size} x {self.seq_len} tokens (grad accum {self.grad_accum}) | "
+                f"{precision(self.conf)} ZeRO-{self.conf.deepspeed.zero_stage} | "
+                + (f"resumed at step {self.step}" if resumed else "fresh start"),
+                flush=True,
+            )
+        bar = None
+        if self.rank == 0 and self.conf.logging.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=t.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        batches = iter(self.stream)
+        last = None
+        while self.step < t.max_steps:
+            t0, lr = time.perf_counter(), self.scheduler.get_last_lr()[0]
+            loss = self.train_step(batches)
+            self.step += 1
+            self.pending.append((self.step, loss, lr, time.perf_counter() - t0))
+            extra = {}
+            if self.step % t.eval_every == 0 or self.step == t.max_steps:
+                val = self.evaluate()
+                extra = {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
+            if self.step % t.log_every == 0 or extra or self.step % t.ckpt_every == 0 or self.step == t.max_steps:
+                rec = self.flush_metrics(extra)
+                if rec is not None:
+                    last = rec
+                    if bar is not None:
+                        bar.set_postfix(
+                            loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}"
+                        )
+                        msg = f"step {rec['step']:>6} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | "
+                        msg += f"{rec['tokens_per_s']:.0f} tok/s | grad norm {rec['grad_norm']:.3f}"
+                        if rec.get("mfu"):
+                            msg += f" | MFU {100 * rec['mfu']:.1f}%"
+                        if "val_loss" in rec:
+                            msg += f" | val loss {rec['val_loss']:.4f} (ppl {rec['val_ppl']:.1f})"
+                        bar.write(msg)
+            if self.step % t.ckpt_every == 0 or self.step == t.max_steps:
+                self.save()
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        final_tag = ckpt.tag_for(self.step)
+        if self.rank == 0 and not (self.ckpt_dir / final_tag / ckpt.FP32).exists():
+            ckpt.save_fp32(self.ckpt_dir, final_tag)
+        summary = {"steps": self.step, "start_step": start_step, "resumed": resumed, "tokens_seen": self.tokens_seen,
+                   "params": self.n_params, "last": last, "checkpoint": str(self.ckpt_dir / final_tag)}  # fmt: skip
+        if self.rank == 0 and t.sample_prompt:
+            summary["sample"] = self.sample(t.sample_prompt)
+            print(f"--- sample (greedy) ---\n{t.sample_prompt}{summary['sample']}\n-----------------------", flush=True)
+        if self.rank == 0:
+            ckpt.write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
+            if self.wandb is not None:
+                self.wandb.finish()
+        dist.barrier()
+        return summary
+
+    def sample(self, prompt: str) -> str:
+        from phi_train.generate import generate
+
+        module = self.engine.module
+        module.eval()
+        out = generate(module, self.tokenizer, [prompt], max_new_tokens=self.conf.train.sample_tokens, temperature=0.0)[
+            0
+        ]
+        module.train()
+        return out

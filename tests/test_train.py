@@ -1,0 +1,189 @@
+"""The training engine under the real `deepspeed` launcher: 2 CPU ranks over gloo, ZeRO-2, real checkpoints, real SIGKILLs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+TRAIN = str(ROOT / "launch" / "train.py")
+DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
+
+# Small enough for seconds per run on two CPU ranks, big enough to exercise every part (grad accumulation 2).
+TINY = [
+    "+model=phi1_tiny",
+    "model.n_layer=2",
+    "model.d_model=128",
+    "model.n_head=2",
+    "model.d_mlp=512",
+    "model.max_seq_len=64",
+    "model.resid_dropout=0.1",  # dropout draws random numbers: resume must restore every rank's RNG to match
+    "train.global_batch_size=8",
+    "train.micro_batch_size=2",
+    "train.max_steps=8",
+    "train.warmup_steps=2",
+    "train.lr=3e-3",
+    "train.log_every=1",
+    "train.eval_every=4",
+    "train.eval_batches=2",
+    "train.ckpt_every=2",
+    "train.keep_last=2",
+    "logging.wandb.mode=disabled",
+    "logging.progress=false",
+]
+
+
+def env(**extra) -> dict:
+    e = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "PHI_TRAIN_FAULT")}
+    e.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+    return e
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(shards, run_dir: Path, *extra: str, fault: str | None = None, timeout: int = 300):
+    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), TRAIN, *TINY]
+    cmd += [f"data.path={shards.path}", f"hydra.run.dir={run_dir}", *extra]
+    extra_env = {"PHI_TRAIN_FAULT": fault} if fault else {}
+    return subprocess.run(
+        cmd, cwd=run_dir.parent, env=env(**extra_env), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in recs]
+    assert steps == sorted(set(steps)), f"metrics repeat or skip steps: {steps}"
+    return {r["step"]: r["loss"] for r in recs}
+
+
+def final_weights(run_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(run_dir / "checkpoints" / "global_step000008" / "model_fp32.safetensors")
+
+
+@pytest.fixture(scope="module")
+def reference(demo_shards, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("ref") / "run"
+    proc = launch(demo_shards, run_dir)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return run_dir
+
+
+def test_uninterrupted_run_learns_and_checkpoints(reference):
+    loss = losses(reference)
+    assert sorted(loss) == list(range(1, 9))
+    assert loss[8] < loss[1] - 0.5, loss  # from ~ln(vocab) down: the model learns from the shards
+    ckpts = reference / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "global_step000008"
+    # keep_last=2: older complete checkpoints are pruned only after the newer one is committed
+    assert sorted(p.name for p in ckpts.iterdir() if p.is_dir()) == ["global_step000006", "global_step000008"]
+    meta = json.loads((ckpts / "global_step000008" / "meta.json").read_text())
+    assert meta["step"] == 8 and meta["world_size"] == 2 and meta["model"]["d_model"] == 128
+    assert meta["tokens_seen"] == 8 * 8 * 64
+    assert (ckpts / "global_step000008" / "tokenizer.model").exists()
+    summary = json.loads((reference / "summary.json").read_text())
+    assert summary["steps"] == 8 and not summary["resumed"]
+    assert summary["last"]["val_loss"] == pytest.approx(summary["last"]["val_loss"])  # a number, not NaN
+
+
+def test_sigkill_in_save_and_mid_step_resume_bit_identical(reference, demo_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    # 1) killed between writing checkpoint 4 and committing it: `latest` must still name step 2
+    proc = launch(demo_shards, run_dir, fault="save:4")
+    assert proc.returncode != 0
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "global_step000002"
+    # 2) restarted with the same command, then killed in the middle of step 7 (after checkpoint 6 was committed)
+    proc = launch(demo_shards, run_dir, fault="step:7")
+    assert proc.returncode != 0
+    assert "resumed at step 2" in proc.stdout, proc.stdout[-2000:]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "global_step000006"
+    # 3) restarted again: runs to the end
+    proc = launch(demo_shards, run_dir)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "resumed at step 6" in proc.stdout
+    # per-step losses bit-identical to the uninterrupted run (CPU, fp32, same world size and workers)
+    assert losses(run_dir) == losses(reference)
+    a, b = final_weights(run_dir), final_weights(reference)
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+def test_incompatible_resume_fails_in_one_line(reference, demo_shards, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference / "checkpoints", run_dir / "checkpoints")
+    proc = launch(demo_shards, run_dir, "model.d_mlp=256", "train.max_steps=10")
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert lines and "model.d_mlp=512 (checkpoint) vs 256 (this run)" in lines[0], proc.stderr[-2000:]
+
+
+BAD = [
+    (["+model=phi1_tiny", "train.lrr=1"], "train.lrr"),
+    (["+model=phi1_tiny", "model.n_head=5"], "model.n_head=5 does not divide model.d_model=256"),
+    (["+model=phi1_tiny", "train.lr=-0.1"], "train.lr=-0.1 must be > 0"),
+    (["+model=phi1_tiny", "data.path=/nonexistent/shards"], "/nonexistent/shards"),
+    (["train.lr=1e-3"], "add +model=NAME with NAME one of phi1, phi1_small, phi1_tiny"),
+    (["+model=phi1_tiny", "train.global_batch_size=10", "train.micro_batch_size=4"], "not a multiple"),
+]
+
+
+@pytest.mark.parametrize("overrides,expected", BAD, ids=[b[1][:30] for b in BAD])
+def test_bad_config_fails_fast_in_one_line(overrides, expected, demo_shards, tmp_path):
+    if not any(o.startswith("data.path") for o in overrides):
+        overrides = [*overrides, f"data.path={demo_shards.path}"]
+    proc = subprocess.run(
+        [sys.executable, TRAIN, *overrides, f"hydra.run.dir={tmp_path / 'run'}", "logging.wandb.mode=disabled"],
+        cwd=tmp_path,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert expected in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert len([line for line in proc.stderr.splitlines() if line.strip()]) <= 3, proc.stderr
+
+
+def test_hydra_multirun_sweep_one_dir_per_job(demo_shards, tmp_path):
+    overrides = [o for o in TINY if not o.startswith(("train.max_steps", "logging.wandb"))]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            TRAIN,
+            "-m",
+            *overrides,
+            "train.max_steps=2",
+            "train.lr=1e-3,3e-4",
+            f"data.path={demo_shards.path}",
+            "logging.wandb.mode=offline",
+        ],  # fmt: skip
+        cwd=tmp_path,
+        env=env(WANDB_SILENT="true"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    jobs = sorted((tmp_path / "runs" / "sweep").glob("phi1_tiny-demo-pretrain/*/summary.json"))
+    assert len(jobs) == 2, list((tmp_path / "runs").rglob("*"))[:50]
+    lrs = sorted(yaml.safe_load((p.parent / "config.resolved.yaml").read_text())["train"]["lr"] for p in jobs)
+    assert lrs == [3e-4, 1e-3]
+    for p in jobs:
+        assert json.loads(p.read_text())["steps"] == 2
+        assert list(p.parent.glob("wandb/offline-run-*")), "each job gets its own offline wandb run"
