@@ -1,0 +1,386 @@
+"""Serve a phi_train checkpoint behind an OpenAI-compatible HTTP API (so our own model can be a teacher).
+
+python launch/serve.py --checkpoint DIR [--host 127.0.0.1 --port 8000 --max-batch 16 --batch-wait-ms 10]
+
+Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health (counters: requests, batches,
+generate calls). Any OpenAI client works (`openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")`);
+the key is not checked, so bind to 127.0.0.1 (the default) unless the network is trusted.
+
+Batching: every request goes to one queue; one worker thread takes the first waiting request, waits up to
+--batch-wait-ms for more (up to --max-batch), groups them by sampling parameters (max_tokens, temperature, top_p,
+stop, seed) and makes one `phi_train.generate.generate` call per group. Greedy output is what `generate()` returns
+in-process; with temperature > 0 a request's sample depends on its row in the batch (generate seeds row i with
+seed + i), so sampled replies are reproducible only for the same batch composition.
+
+Chat template (plain text, what a base model continues naturally): each message becomes "<Role>: <content>\\n\\n"
+with Role one of System, User, Assistant, then "Assistant:" is appended; "\\nUser:" and "\\nSystem:" are added to the
+stop strings so the model does not write the next turn itself.
+
+`stream: true` is accepted: the reply is sent as server-sent events, but in one content chunk once generation is done
+(generate() has no per-token callback), followed by a final chunk with finish_reason and `data: [DONE]`.
+Usage: prompt_tokens counts the prompt's tokens as the model saw them (its last tokens, when it exceeds the context
+budget); completion_tokens counts the tokens of the returned text (after stop strings are cut).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import queue
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+CHAT_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
+CHAT_STOP = ("\nUser:", "\nSystem:")
+
+
+class RequestError(ValueError):
+    """A bad request body; answered with HTTP 400 and this one-line message."""
+
+
+def render_chat(messages: Any) -> str:
+    """The plain-text chat template (module docstring)."""
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("'messages' must be a non-empty list of {role, content} objects")
+    parts = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES:
+            raise RequestError(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}")
+        content = m.get("content")
+        if isinstance(content, list):  # [{type: text, text: ...}] content parts
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        if not isinstance(content, str):
+            raise RequestError(f"messages[{i}].content must be a string")
+        parts.append(f"{CHAT_ROLES[m['role']]}: {content}\n\n")
+    return "".join(parts) + "Assistant:"
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_tokens: int
+    temperature: float
+    top_p: float
+    stop: tuple[str, ...]
+    seed: int
+
+
+def parse_sampling(body: dict, default_max_tokens: int, extra_stop: tuple[str, ...] = ()) -> Sampling:
+    def num(key: str, default: float, kind=float) -> Any:
+        v = body.get(key)
+        if v is None:
+            return default
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and int(v) != v):
+            raise RequestError(f"'{key}' must be a {'integer' if kind is int else 'number'}, got {v!r}")
+        return kind(v)
+
+    max_tokens = num("max_completion_tokens", 0, int) or num("max_tokens", default_max_tokens, int)
+    if max_tokens < 1:
+        raise RequestError(f"'max_tokens' must be >= 1, got {max_tokens}")
+    temperature, top_p = num("temperature", 1.0), num("top_p", 1.0)
+    if not 0 <= temperature <= 2:
+        raise RequestError(f"'temperature' must be in [0, 2], got {temperature}")
+    if not 0 < top_p <= 1:
+        raise RequestError(f"'top_p' must be in (0, 1], got {top_p}")
+    stop = body.get("stop") or []
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > 4:
+        raise RequestError("'stop' must be a string or a list of at most 4 strings")
+    if body.get("n", 1) != 1:
+        raise RequestError("'n' must be 1 (one choice per request; send several requests instead)")
+    return Sampling(max_tokens, temperature, top_p, tuple(stop) + extra_stop, num("seed", 0, int))
+
+
+@dataclass
+class Job:
+    prompt: str
+    sampling: Sampling
+    done: threading.Event = field(default_factory=threading.Event)
+    text: str | None = None
+    error: str | None = None
+
+
+class Batcher:
+    """One worker thread: collects queued jobs for `wait_s` (up to `max_batch`), one generate() per sampling group."""
+
+    def __init__(self, model, tokenizer, max_batch: int, wait_s: float) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch, self.wait_s = max_batch, wait_s
+        self.queue: queue.Queue[Job] = queue.Queue()
+        self.lock = threading.Lock()
+        self.counters = {"requests": 0, "batches": 0, "generate_calls": 0, "largest_batch": 0, "errors": 0}
+        threading.Thread(target=self._loop, daemon=True, name="batcher").start()
+
+    def submit(self, prompt: str, sampling: Sampling) -> Job:
+        job = Job(prompt, sampling)
+        with self.lock:
+            self.counters["requests"] += 1
+        self.queue.put(job)
+        return job
+
+    def _collect(self) -> list[Job]:
+        jobs = [self.queue.get()]
+        deadline = time.monotonic() + self.wait_s
+        while len(jobs) < self.max_batch:
+            left = deadline - time.monotonic()
+            try:
+                jobs.append(self.queue.get(timeout=left) if left > 0 else self.queue.get_nowait())
+            except queue.Empty:
+                break
+        return jobs
+
+    def _loop(self) -> None:
+        from phi_train.generate import generate
+
+        while True:
+            jobs = self._collect()
+            groups: dict[Sampling, list[Job]] = {}
+            for j in jobs:
+                groups.setdefault(j.sampling, []).append(j)
+            with self.lock:
+                self.counters["batches"] += 1
+                self.counters["largest_batch"] = max(self.counters["largest_batch"], len(jobs))
+            for s, group in groups.items():
+                try:
+                    texts = generate(
+                        self.model,
+                        self.tokenizer,
+                        [j.prompt for j in group],
+                        max_new_tokens=s.max_tokens,
+                        temperature=s.temperature,
+                        top_p=s.top_p,
+                        stop=s.stop,
+                        seed=s.seed,
+                        batch_size=self.max_batch,
+                    )
+                    for j, t in zip(group, texts, strict=True):
+                        j.text = t
+                except Exception as exc:  # noqa: BLE001 - reported to each waiting client, the worker lives on
+                    with self.lock:
+                        self.counters["errors"] += 1
+                    for j in group:
+                        j.error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                with self.lock:
+                    self.counters["generate_calls"] += 1
+                for j in group:
+                    j.done.set()
+
+
+class Server:
+    def __init__(self, model, tokenizer, name: str, max_batch: int, wait_s: float) -> None:
+        from phi_train.generate import prompt_budget
+
+        self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.batcher = Batcher(model, tokenizer, max_batch, wait_s)
+        self.max_seq_len = model.cfg.max_seq_len
+        self.prompt_budget = prompt_budget
+        self.created = int(time.time())
+
+    def usage(self, prompt: str, text: str, max_tokens: int) -> dict[str, int]:
+        p = min(len(self.tokenizer.encode(prompt)) or 1, self.prompt_budget(self.max_seq_len, max_tokens))
+        c = len(self.tokenizer.encode(text)) if text else 0
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+    def run(self, prompts: list[str], s: Sampling) -> list[tuple[str, dict, str]]:
+        """(text, usage, finish_reason) per prompt; blocks until the batcher has done them."""
+        jobs = [self.batcher.submit(p, s) for p in prompts]
+        out = []
+        for p, j in zip(prompts, jobs, strict=True):
+            j.done.wait()
+            if j.error is not None:
+                raise RequestError(j.error)
+            usage = self.usage(p, j.text or "", s.max_tokens)
+            finish = "length" if usage["completion_tokens"] >= s.max_tokens else "stop"
+            out.append((j.text or "", usage, finish))
+        return out
+
+    def completions(self, body: dict) -> tuple[dict, Sampling]:
+        prompt = body.get("prompt", "")
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise RequestError("'prompt' must be a string or a non-empty list of strings")
+        s = parse_sampling(body, default_max_tokens=16)
+        results = self.run(prompts, s)
+        choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": f} for i, (t, _, f) in enumerate(results)]
+        usage = {k: sum(u[k] for _, u, _ in results) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+        return self._envelope("text_completion", "cmpl", choices, usage), s
+
+    def chat(self, body: dict) -> tuple[dict, Sampling]:
+        prompt = render_chat(body.get("messages"))
+        s = parse_sampling(body, default_max_tokens=self.max_seq_len // 2, extra_stop=CHAT_STOP)
+        [(text, usage, finish)] = self.run([prompt], s)
+        choice = {"index": 0, "message": {"role": "assistant", "content": text.strip()}, "finish_reason": finish}
+        return self._envelope("chat.completion", "chatcmpl", [choice], usage), s
+
+    def _envelope(self, obj: str, prefix: str, choices: list, usage: dict) -> dict:
+        return {
+            "id": f"{prefix}-{uuid.uuid4().hex[:24]}",
+            "object": obj,
+            "created": int(time.time()),
+            "model": self.name,
+            "choices": choices,
+            "usage": usage,
+        }
+
+    def health(self) -> dict:
+        with self.batcher.lock:
+            return {"status": "ok", "model": self.name, **self.batcher.counters}
+
+    def models(self) -> dict:
+        return {
+            "object": "list",
+            "data": [{"id": self.name, "object": "model", "created": self.created, "owned_by": "phi-train"}],
+        }
+
+
+def stream_events(reply: dict) -> list[dict]:
+    """The reply as OpenAI streaming chunks: one with the content, one with finish_reason (then [DONE])."""
+    chat = reply["object"] == "chat.completion"
+    obj = "chat.completion.chunk" if chat else "text_completion"
+    events = []
+    for c in reply["choices"]:
+        if chat:
+            first = {"index": c["index"], "delta": {"role": "assistant", "content": c["message"]["content"]}}
+            last = {"index": c["index"], "delta": {}, "finish_reason": c["finish_reason"]}
+            first["finish_reason"] = None
+        else:
+            first = {"index": c["index"], "text": c["text"], "logprobs": None, "finish_reason": None}
+            last = {"index": c["index"], "text": "", "logprobs": None, "finish_reason": c["finish_reason"]}
+        events += [first, last]
+    base = {k: reply[k] for k in ("id", "created", "model")} | {"object": obj}
+    out = [base | {"choices": [e]} for e in events]
+    out[-1]["usage"] = reply["usage"]
+    return out
+
+
+def make_handler(server: Server):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args) -> None:  # one line per request would drown the console at teacher rates
+            pass
+
+        def send_json(self, code: int, payload: dict) -> None:
+            data = json.dumps(payload).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def error(self, code: int, msg: str, kind: str = "invalid_request_error") -> None:
+            self.send_json(code, {"error": {"message": msg, "type": kind, "code": code}})
+
+        def do_GET(self) -> None:
+            path = self.path.split("?")[0].rstrip("/")
+            if path in ("/health", "/metrics"):
+                self.send_json(200, server.health())
+            elif path in ("/v1/models", "/models"):
+                self.send_json(200, server.models())
+            else:
+                self.error(404, f"no route GET {path}; try /health, /v1/models")
+
+        def do_POST(self) -> None:
+            path = self.path.split("?")[0].rstrip("/")
+            routes = {"/v1/completions": server.completions, "/v1/chat/completions": server.chat}
+            routes |= {"/completions": server.completions, "/chat/completions": server.chat}
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length) if length else b""
+            except (ValueError, OSError):
+                self.error(400, "could not read the request body")
+                return
+            if path not in routes:
+                self.error(404, f"no route POST {path}; try /v1/completions, /v1/chat/completions")
+                return
+            try:
+                body = json.loads(raw or b"{}")
+                if not isinstance(body, dict):
+                    raise RequestError("the request body must be a JSON object")
+                reply, _ = routes[path](body)
+            except json.JSONDecodeError as exc:
+                self.error(400, f"the request body is not JSON: {exc}")
+                return
+            except RequestError as exc:
+                self.error(400, str(exc))
+                return
+            if body.get("stream"):
+                self.send_stream(reply)
+            else:
+                self.send_json(200, reply)
+
+        def send_stream(self, reply: dict) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            for event in stream_events(reply):
+                self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
+            self.wfile.write(b"data: [DONE]\n\n")
+            self.wfile.flush()
+            self.close_connection = True
+
+    return Handler
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", required=True, help="checkpoint dir (or tag dir), or an exported transformers dir")
+    ap.add_argument("--tag", default=None, help="checkpoint tag (default: latest)")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8000, help="0: any free port (printed on the first line)")
+    ap.add_argument("--max-batch", type=int, default=16, help="most requests per generate() call")
+    ap.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long the first request waits for company")
+    ap.add_argument("--model-name", default=None, help="name in replies and /v1/models (default: phi-train)")
+    ap.add_argument("--device", default="auto", help="auto (cuda when available, else cpu) | cpu | cuda | cuda:N")
+    ap.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="default: bf16 on CUDA, else fp32")
+    args = ap.parse_args(argv)
+    if args.max_batch < 1 or args.batch_wait_ms < 0 or not 0 <= args.port < 65536:
+        print(
+            f"error: --max-batch={args.max_batch} (>= 1), --batch-wait-ms={args.batch_wait_ms} (>= 0), "
+            f"--port={args.port} (0..65535) out of range",
+            file=sys.stderr,
+        )
+        return 2
+
+    import torch
+
+    from phi_train.generate import load_for_inference
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    name = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+    try:
+        model, tok = load_for_inference(args.checkpoint, device=device, dtype=dtype, tag=args.tag)
+    except (ValueError, OSError, KeyError) as exc:  # ConfigError / TokenizerError / InteropError, unreadable files
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"error: cannot load checkpoint {args.checkpoint!r}: {msg}", file=sys.stderr)
+        return 2
+    server = Server(model, tok, args.model_name or "phi-train", args.max_batch, args.batch_wait_ms / 1000)
+    try:
+        httpd = ThreadingHTTPServer((args.host, args.port), make_handler(server))
+    except OSError as exc:
+        print(f"error: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    httpd.daemon_threads = True
+    host, port = httpd.server_address[:2]
+    print(f"serving {args.checkpoint} as {server.name!r} on http://{host}:{port}/v1", flush=True)
+    try:
+        httpd.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        httpd.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
