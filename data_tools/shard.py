@@ -73,16 +73,19 @@ def _init_worker(tokenizer_path: str) -> None:
     _WORKER_TOK = Tokenizer(tokenizer_path)
 
 
-def _encode_chunk(chunk: list[tuple[str, str]]) -> list[tuple[str, list[int]]]:
+def _encode_chunk(chunk: list[tuple[str, str, str | None]]) -> list[tuple[str, list[int], list[int] | None]]:
     assert _WORKER_TOK is not None
-    ids = _WORKER_TOK.encode_batch([text for _, text in chunk])
-    return [(doc_id, toks) for (doc_id, _), toks in zip(chunk, ids)]
+    ids = _WORKER_TOK.encode_batch([text for _, text, _ in chunk])
+    # A prompt is tokenized on its own, as it will be at inference, so the completion's tokens are the ones the
+    # model must produce after exactly these prompt tokens.
+    prompts = [None if p is None else _WORKER_TOK.encode(p) for _, _, p in chunk]
+    return [(doc_id, toks, p) for (doc_id, _, _), toks, p in zip(chunk, ids, prompts)]
 
 
-def _chunks(docs: Iterable[dict], size: int) -> Iterator[list[tuple[str, str]]]:
-    chunk: list[tuple[str, str]] = []
+def _chunks(docs: Iterable[dict], size: int) -> Iterator[list[tuple[str, str, str | None]]]:
+    chunk: list[tuple[str, str, str | None]] = []
     for doc in docs:
-        chunk.append((doc["id"], doc["text"]))
+        chunk.append((doc["id"], doc["text"], doc.get("prompt")))
         if len(chunk) == size:
             yield chunk
             chunk = []
@@ -90,8 +93,10 @@ def _chunks(docs: Iterable[dict], size: int) -> Iterator[list[tuple[str, str]]]:
         yield chunk
 
 
-def tokenized_documents(docs: Iterable[dict], tokenizer_path: str, workers: int) -> Iterator[tuple[str, list[int]]]:
-    """(id, token ids) for every document, in input order whatever the worker count (ordered imap)."""
+def tokenized_documents(
+    docs: Iterable[dict], tokenizer_path: str, workers: int
+) -> Iterator[tuple[str, list[int], list[int] | None]]:
+    """(id, token ids, prompt ids or None) for every document, in input order whatever the worker count."""
     chunks = _chunks(docs, _CHUNK_DOCS)
     if workers <= 1:
         _init_worker(tokenizer_path)
@@ -151,14 +156,17 @@ class SplitWriter:
     def _shard_name(self, index: int) -> str:
         return f"{self.split}-{index:06d}.tar"
 
-    def _write(self, seq: np.ndarray) -> None:
+    def _write(self, seq: np.ndarray, mask: np.ndarray | None = None) -> None:
         if self._writer is None:
             self._tmp = self.out_dir / (self._shard_name(len(self.shards)) + ".tmp")
             # Fixed mtime: identical inputs give byte-identical shards (and sha256s).
             self._writer = wds.TarWriter(str(self._tmp), encoder=False, mtime=0.0)
             self._shard_count = 0
         key = f"{self.split}-{len(self.shards):06d}-{self._shard_count:06d}"
-        self._writer.write({"__key__": key, "tokens.npy": encode_npy(np.ascontiguousarray(seq))})
+        sample = {"__key__": key, "tokens.npy": encode_npy(np.ascontiguousarray(seq))}
+        if mask is not None:
+            sample["mask.npy"] = encode_npy(np.ascontiguousarray(mask))
+        self._writer.write(sample)
         self._shard_count += 1
         self.sequences += 1
         if self._shard_count == self.shard_sequences:
@@ -193,6 +201,72 @@ class SplitWriter:
         }
 
 
+@dataclass
+class PackedWriter(SplitWriter):
+    """Prompt/completion pairs (CodeExercises) packed whole into `seq_len + 1`-token sequences with a loss mask.
+
+    A pair never straddles two sequences: when the next one does not fit, the sequence is closed with EOS padding,
+    masked. The mask is 1 on the completion and its closing EOS, 0 on prompts and padding, so no loss is taken on a
+    prompt token — nor across a pair boundary, since every pair starts with its (masked) prompt. Pairs longer than
+    `seq_len + 1` tokens are dropped and counted (`too_long`).
+    """
+
+    targets: int = 0
+    padding: int = 0
+    too_long: int = 0
+    too_long_tokens: int = 0
+    _eos: int = 0
+    _tokens_buf: list[np.ndarray] = field(default_factory=list)
+    _mask_buf: list[np.ndarray] = field(default_factory=list)
+    _buf_len: int = 0
+
+    def add_pair(self, prompt: list[int], completion: list[int], eos_id: int) -> None:
+        self._eos = eos_id
+        n = len(prompt) + len(completion) + 1
+        self.documents += 1
+        self.tokens += n
+        if n > self.seq_len + 1:
+            self.too_long += 1
+            self.too_long_tokens += n
+            return
+        if self._buf_len + n > self.seq_len + 1:
+            self._flush()
+        toks = np.empty(n, dtype=self.dtype)
+        toks[: len(prompt)], toks[len(prompt) : -1], toks[-1] = prompt, completion, eos_id
+        mask = np.zeros(n, dtype=np.uint8)
+        mask[len(prompt) :] = 1
+        self.targets += int(mask.sum())
+        self._tokens_buf.append(toks)
+        self._mask_buf.append(mask)
+        self._buf_len += n
+
+    def _flush(self) -> None:
+        if not self._tokens_buf:
+            return
+        pad = self.seq_len + 1 - self._buf_len
+        self.padding += pad
+        toks = np.concatenate([*self._tokens_buf, np.full(pad, self._eos, dtype=self.dtype)])
+        mask = np.concatenate([*self._mask_buf, np.zeros(pad, dtype=np.uint8)])
+        self._write(toks, mask)
+        self._tokens_buf, self._mask_buf, self._buf_len = [], [], 0
+
+    def finish(self) -> dict:
+        self._flush()
+        if self._writer is not None:
+            self._close_shard()
+        assert self.tokens == self.sequences * (self.seq_len + 1) - self.padding + self.too_long_tokens
+        return {
+            "documents": self.documents,
+            "tokens": self.tokens,
+            "sequences": self.sequences,
+            "target_tokens": self.targets,
+            "padding_tokens": self.padding,
+            "too_long_dropped": self.too_long,
+            "too_long_tokens_dropped": self.too_long_tokens,
+            "shards": self.shards,
+        }
+
+
 def write_shards(
     inputs: list[str],
     tokenizer_path: str,
@@ -204,9 +278,14 @@ def write_shards(
     workers: int = 2,
     seed: int = 0,
     text_field: str = "text",
+    prompt_field: str | None = None,
     progress: bool = True,
 ) -> dict:
-    """Tokenize `inputs` into shards under `out_dir`; return the manifest (also written to `out_dir/manifest.json`)."""
+    """Tokenize `inputs` into shards under `out_dir`; return the manifest (also written to `out_dir/manifest.json`).
+
+    With `prompt_field`, records are prompt/completion pairs (completion under `text_field`) packed with loss masks
+    for fine-tuning (PackedWriter); without it, documents are concatenated for pretraining (SplitWriter).
+    """
     if seq_len < 1:
         raise ShardError(f"--seq-len={seq_len} must be >= 1")
     if shard_sequences < 1:
@@ -217,7 +296,7 @@ def write_shards(
         raise ShardError(f"--workers={workers} must be >= 1")
     tok = Tokenizer(tokenizer_path)
     dropped: Counter = Counter()
-    docs = iter_documents(inputs, text_field=text_field, dropped=dropped)  # checks every path first
+    docs = iter_documents(inputs, text_field=text_field, dropped=dropped, prompt_field=prompt_field)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -232,10 +311,15 @@ def write_shards(
         shutil.copyfile(tokenizer_path, local_tok)
 
     dtype = token_dtype(tok.vocab_size)
-    writers = {s: SplitWriter(s, out, seq_len, shard_sequences, dtype) for s in SPLITS}
+    writer_cls = SplitWriter if prompt_field is None else PackedWriter
+    writers = {s: writer_cls(s, out, seq_len, shard_sequences, dtype) for s in SPLITS}
     bar = tqdm(desc="sharding", unit="doc", disable=not progress)
-    for doc_id, ids in tokenized_documents(docs, str(local_tok), workers):
-        writers[split_of(doc_id, val_fraction, seed)].add(ids, tok.eos_id)
+    for doc_id, ids, prompt_ids in tokenized_documents(docs, str(local_tok), workers):
+        writer = writers[split_of(doc_id, val_fraction, seed)]
+        if prompt_ids is None:
+            writer.add(ids, tok.eos_id)
+        else:
+            writer.add_pair(prompt_ids, ids, tok.eos_id)
         bar.update(1)
     bar.close()
 
@@ -243,6 +327,7 @@ def write_shards(
         "format": MANIFEST_FORMAT,
         "seq_len": seq_len,
         "dtype": dtype.name,
+        "loss_mask": prompt_field is not None,
         "tokenizer": {
             "path": "tokenizer.model",
             "sha256": file_sha256(local_tok),
@@ -275,7 +360,7 @@ def print_summary(manifest: dict, out_dir: str) -> None:
             f"{s['documents']:,}",
             f"{s['tokens']:,}",
             f"{s['sequences']:,}",
-            f"{s['tail_tokens_dropped']:,}",
+            f"{s.get('tail_tokens_dropped', s.get('too_long_tokens_dropped', 0)):,}",
             str(len(s["shards"])),
             f"{mib:.1f}",
         )
@@ -294,7 +379,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--val-fraction", type=float, default=0.02)
     ap.add_argument("--workers", type=int, default=2, help="tokenizer processes")
     ap.add_argument("--seed", type=int, default=0, help="mixed into the train/val hash")
-    ap.add_argument("--text-field", default="text")
+    ap.add_argument("--text-field", default="text", help="the document (or, with --prompt-field, the completion)")
+    ap.add_argument(
+        "--prompt-field",
+        default=None,
+        help="fine-tuning pairs: JSONL records with this prompt field; loss only on the completion (e.g. prompt)",
+    )
     args = ap.parse_args(argv)
     try:
         manifest = write_shards(
@@ -307,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
             workers=args.workers,
             seed=args.seed,
             text_field=args.text_field,
+            prompt_field=args.prompt_field,
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

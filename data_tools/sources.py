@@ -34,7 +34,7 @@ def _open_text_lines(path: Path) -> Iterator[bytes]:
             yield from fh
 
 
-def _iter_jsonl(path: Path, text_field: str, dropped: Counter) -> Iterator[dict]:
+def _iter_jsonl(path: Path, text_field: str, dropped: Counter, prompt_field: str | None = None) -> Iterator[dict]:
     for lineno, raw in enumerate(_open_text_lines(path), start=1):
         if not raw.strip():
             continue  # blank lines are layout, not documents
@@ -54,7 +54,14 @@ def _iter_jsonl(path: Path, text_field: str, dropped: Counter) -> Iterator[dict]
             dropped["empty"] += 1
             continue
         doc_id = record.get("id")
-        yield {"text": text, "id": str(doc_id) if doc_id is not None else f"{path.name}:{lineno}"}
+        doc = {"text": text, "id": str(doc_id) if doc_id is not None else f"{path.name}:{lineno}"}
+        if prompt_field is not None:
+            prompt = record.get(prompt_field)
+            if not isinstance(prompt, str) or not prompt:
+                dropped["missing_field"] += 1
+                continue
+            doc["prompt"] = prompt
+        yield doc
 
 
 def _iter_tree(root: Path, suffixes: tuple[str, ...], dropped: Counter) -> Iterator[dict]:
@@ -88,14 +95,16 @@ def iter_documents(
     text_field: str = "text",
     suffixes: tuple[str, ...] = (".py",),
     dropped: Counter | None = None,
+    prompt_field: str | None = None,
 ) -> Iterator[dict]:
     """Yield `{"text", "id"}` for every readable document of `paths`, in a deterministic order.
 
     A path is a `.jsonl` / `.jsonl.zst` / `.json` file (one JSON object per line, text under `text_field`, optional
-    `id`; default id `FILE:LINE`), a single source file, or a directory walked in sorted order for files ending in
-    `suffixes` (id = path relative to that directory). Unreadable records are counted in `dropped` by reason:
+    `id`; default id `FILE:LINE`), a directory of such files (read in name order), a single source file, or a
+    directory of source files walked in sorted order for files ending in `suffixes` (id = relative path). Unreadable records are counted in `dropped` by reason:
     bad_json, missing_field, empty, not_utf8, unreadable. All paths are checked before the first document is yielded,
-    so a typo fails at once rather than after an hour of tokenizing.
+    so a typo fails at once rather than after an hour of tokenizing. With `prompt_field` (fine-tuning pairs such as
+    CodeExercises) every record must also carry that field, yielded as `prompt`; only JSONL inputs can.
     """
     if dropped is None:
         dropped = Counter()
@@ -103,15 +112,26 @@ def iter_documents(
     for p in resolved:
         if not p.exists():
             raise SourceError(f"input path {str(p)!r} does not exist (give JSONL/JSONL.zst files or directories)")
-    return _iter_all(resolved, text_field, suffixes, dropped)
+        if prompt_field is not None and not (p.is_dir() or p.name.endswith(JSONL_SUFFIXES)):
+            raise SourceError(f"input {str(p)!r}: prompt/completion pairs come from JSONL(.zst) files only")
+    return _iter_all(resolved, text_field, suffixes, dropped, prompt_field)
 
 
-def _iter_all(paths: list[Path], text_field: str, suffixes: tuple[str, ...], dropped: Counter) -> Iterator[dict]:
+JSONL_SUFFIXES = (".jsonl", ".jsonl.zst", ".json", ".ndjson")
+
+
+def _iter_all(
+    paths: list[Path], text_field: str, suffixes: tuple[str, ...], dropped: Counter, prompt_field: str | None = None
+) -> Iterator[dict]:
     for p in paths:
-        if p.is_dir():
+        jsonl = sorted(q for q in p.iterdir() if q.name.endswith(JSONL_SUFFIXES)) if p.is_dir() else []
+        if jsonl:  # a directory of JSONL parts (what data_tools.codetextbook and the synth jobs write)
+            for q in jsonl:
+                yield from _iter_jsonl(q, text_field, dropped, prompt_field)
+        elif p.is_dir():
             yield from _iter_tree(p, suffixes, dropped)
-        elif p.name.endswith((".jsonl", ".jsonl.zst", ".json", ".ndjson")):
-            yield from _iter_jsonl(p, text_field, dropped)
+        elif p.name.endswith(JSONL_SUFFIXES):
+            yield from _iter_jsonl(p, text_field, dropped, prompt_field)
         else:
             # A single plain source file: the same rules as inside a directory.
             yield from _iter_tree_file(p, dropped)

@@ -141,6 +141,8 @@ class TrainConfig:
     """Resume from the `latest` checkpoint in ckpt_dir when one exists."""
     init_from: str | None = None
     """A checkpoint directory (or tag directory) whose weights start this run (finetune). Optimizer state is not taken."""
+    loss_on_prompt: bool = False
+    """Fine-tuning shards carry a loss mask: by default only completion tokens are trained on; true = every token."""
     activation_checkpointing: bool = False
     compile: bool = False
     """torch.compile each block."""

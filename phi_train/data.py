@@ -144,15 +144,27 @@ def _npy_layout(data: bytes) -> tuple[np.dtype, int, int]:
     return layout
 
 
-def decode_batch(payloads: list[bytes], width: int) -> torch.Tensor:
-    """Stack `tokens.npy` payloads into one int64 tensor [len(payloads), width]: one numpy -> torch per batch."""
-    out = np.empty((len(payloads), width), dtype=np.int64)
+def _stack(payloads: list[bytes], width: int, dtype=np.int64) -> torch.Tensor:
+    out = np.empty((len(payloads), width), dtype=dtype)
     for i, data in enumerate(payloads):
-        dtype, n, offset = _npy_layout(data)
+        src, n, offset = _npy_layout(data)
         if n != width:
             raise ValueError(f"sequence has {n} tokens, expected seq_len + 1 = {width}")
-        out[i] = np.frombuffer(data, dtype=dtype, count=n, offset=offset)
+        out[i] = np.frombuffer(data, dtype=src, count=n, offset=offset)
     return torch.from_numpy(out)
+
+
+def decode_batch(payloads: list, width: int) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Stack `tokens.npy` payloads into one int64 tensor [len(payloads), width]: one numpy -> torch per batch.
+
+    Shards with loss masks (fine-tuning exercises) carry (tokens.npy, mask.npy) pairs: then (tokens, mask) with a
+    bool mask, True where the token is a training target.
+    """
+    if payloads and isinstance(payloads[0], tuple):
+        tokens = _stack([p[0] for p in payloads], width)
+        mask = _stack([p[1] for p in payloads], width, dtype=np.bool_)
+        return tokens, mask
+    return _stack(payloads, width)
 
 
 # --- one slot's reader ---------------------------------------------------------------------------------------------------
@@ -195,7 +207,7 @@ class _SlotReader:
                 for sample in pipeline:
                     if "tokens.npy" not in sample:
                         raise ValueError(f"sample {sample.get('__key__')!r} has no tokens.npy")
-                    yield sample["tokens.npy"]
+                    yield (sample["tokens.npy"], sample["mask.npy"]) if "mask.npy" in sample else sample["tokens.npy"]
             except Exception as exc:  # noqa: BLE001 - any failure to read a shard is a bad shard, by name
                 msg = str(exc).splitlines()[0] if str(exc) else ""
                 msg = f"shard {name!r} ({url}) could not be read: {type(exc).__name__}: {msg}"
@@ -339,7 +351,8 @@ class TokenStream:
 
     # -- iteration --
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
+    def __iter__(self) -> Iterator[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
+        """Batches [micro_batch_size, seq_len + 1] of token ids; (tokens, loss mask) for shards written with masks."""
         rotation = self._consumed % self.slots_per_rank
         dataset = _SlotDataset(self._reader, self.rank, self.slots_per_rank, rotation, dict(self._positions))
         if self.num_workers == 0:
@@ -367,10 +380,12 @@ class TokenStream:
                 self.stats["bad_shards"] = sorted(set(self.stats["bad_shards"]) | set(bad))
             if kind != "batch":
                 continue
+            if isinstance(batch, list):  # the DataLoader's default_convert turned a (tokens, mask) pair into a list
+                batch = tuple(batch)
             self._positions[slot] = (epoch, index + 1)
             self._consumed += 1
             self.stats["batches"] += 1
-            self.stats["sequences"] += len(batch)
+            self.stats["sequences"] += len(batch[0] if isinstance(batch, tuple) else batch)
             self._update_epochs()
             yield batch
 

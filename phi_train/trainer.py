@@ -220,9 +220,13 @@ class Trainer:
         self.vocab_size = model.vocab_size
         self.n_params = model.num_params()
         self.flops_per_token = model.flops_per_token(self.seq_len)
-        if conf.train.init_from:
+        if conf.train.init_from:  # fine-tuning starts from pretrained weights (fresh optimizer and schedule)
             _, state, _ = ckpt.load_model_state(conf.train.init_from)
-            model.load_state_dict(state)
+            try:
+                model.load_state_dict(state)
+            except RuntimeError as exc:
+                first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
+                raise ConfigError(f"train.init_from={conf.train.init_from}: weights do not fit this model ({first})") from None
 
         t = conf.train
         self.ds_config = deepspeed_config(conf, self.world)
@@ -297,12 +301,23 @@ class Trainer:
         return self.step * self.conf.train.global_batch_size * self.seq_len
 
     # ---------------------------------------------------------------- the step
+    def inputs_and_labels(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Shift a batch of seq_len + 1 tokens into inputs and next-token labels. Shards with a loss mask (fine-tuning
+        pairs) label prompt and padding positions -100, so only completion tokens carry loss — unless
+        `train.loss_on_prompt` asks for the whole sequence."""
+        tokens, mask = batch if isinstance(batch, tuple) else (batch, None)
+        tokens = tokens.to(self.device, non_blocking=True)
+        inputs, labels = tokens[:, : self.seq_len], tokens[:, 1 : self.seq_len + 1]
+        if mask is not None and not self.conf.train.loss_on_prompt:
+            keep = mask[:, 1 : self.seq_len + 1].to(self.device, non_blocking=True)
+            labels = labels.masked_fill(~keep, -100)
+        return inputs, labels
+
     def train_step(self, batches) -> torch.Tensor:
         """One optimizer step: `grad_accum` micro-batches through DeepSpeed. Returns the mean loss (no host sync)."""
         total = torch.zeros((), device=self.device)
         for _ in range(self.grad_accum):
-            tokens = next(batches).to(self.device, non_blocking=True)
-            inputs, labels = tokens[:, : self.seq_len], tokens[:, 1 : self.seq_len + 1]
+            inputs, labels = self.inputs_and_labels(next(batches))
             loss = self.engine(inputs, labels)
             self.engine.backward(loss)
             fault(f"step:{self.step + 1}")
@@ -316,17 +331,19 @@ class Trainer:
         from phi_train.data import TokenStream
 
         t, d = self.conf.train, self.conf.data
-        if not self.manifest["splits"].get("val", {}).get("shards"):
+        n_val = len(self.manifest["splits"].get("val", {}).get("shards", []))
+        if not n_val:
             return float("nan")
+        # fewer val shards than ranks: every rank reads them all (the mean is the same, just computed redundantly)
+        rank, world = (self.rank, self.world) if n_val >= self.world else (0, 1)
         val = TokenStream(
-            d.path, "val", seq_len=self.seq_len, micro_batch_size=t.micro_batch_size, rank=self.rank,
-            world_size=self.world, num_workers=0, seed=d.seed, shuffle_buffer=1, on_bad_shard=d.on_bad_shard, loop=True,
+            d.path, "val", seq_len=self.seq_len, micro_batch_size=t.micro_batch_size, rank=rank,
+            world_size=world, num_workers=0, seed=d.seed, shuffle_buffer=1, on_bad_shard=d.on_bad_shard, loop=True,
         )  # fmt: skip
         self.engine.eval()
         total, it = torch.zeros(2, device=self.device), iter(val)
         for _ in range(t.eval_batches):
-            tokens = next(it).to(self.device)
-            total[0] += self.engine(tokens[:, : self.seq_len], tokens[:, 1 : self.seq_len + 1]).float()
+            total[0] += self.engine(*self.inputs_and_labels(next(it))).float()
             total[1] += 1
         self.engine.train()
         dist.all_reduce(total)
@@ -436,7 +453,7 @@ class Trainer:
         summary = {"steps": self.step, "start_step": start_step, "resumed": resumed, "tokens_seen": self.tokens_seen,
                    "params": self.n_params, "last": last, "checkpoint": str(self.ckpt_dir / final_tag)}  # fmt: skip
         if self.rank == 0 and t.sample_prompt:
-            summary["sample"] = self.sample(t.sample_prompt)
+            summary["sample_prompt"], summary["sample"] = t.sample_prompt, self.sample(t.sample_prompt)
             print(f"--- sample (greedy) ---\n{t.sample_prompt}{summary['sample']}\n-----------------------", flush=True)
         if self.rank == 0:
             ckpt.write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2, default=str))

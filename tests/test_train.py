@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -187,3 +188,117 @@ def test_hydra_multirun_sweep_one_dir_per_job(demo_shards, tmp_path):
     for p in jobs:
         assert json.loads(p.read_text())["steps"] == 2
         assert list(p.parent.glob("wandb/offline-run-*")), "each job gets its own offline wandb run"
+
+
+def exercise_pairs(corpus: Path, limit: int = 400) -> list[dict]:
+    """(signature + docstring -> body) pairs mined from real stdlib functions, the offline CodeExercises shape."""
+    import ast
+
+    pairs = []
+    for path in sorted(corpus.iterdir()):
+        src = path.read_text()
+        try:
+            tree = ast.parse(src)
+        except SyntaxError:
+            continue
+        lines = src.splitlines(keepends=True)
+        for node in tree.body:
+            if isinstance(node, ast.FunctionDef) and ast.get_docstring(node) and len(node.body) > 1:
+                doc_end = node.body[0].end_lineno
+                prompt = "".join(lines[node.lineno - 1 : doc_end])
+                body = "".join(lines[doc_end : node.end_lineno])
+                if 0 < len(prompt) < 300 and 0 < len(body) < 300:
+                    pairs.append({"id": f"{path.name}:{node.name}", "prompt": prompt, "completion": body})
+        if len(pairs) >= limit:
+            break
+    return pairs
+
+
+@pytest.fixture(scope="module")
+def exercise_shards(demo_shards, tmp_path_factory):
+    from data_tools.shard import write_shards
+
+    root = tmp_path_factory.mktemp("exercises")
+    pairs = exercise_pairs(Path(demo_shards.corpus))
+    (root / "ex.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    manifest = write_shards(
+        [str(root / "ex.jsonl")], demo_shards.tokenizer, root / "shards", seq_len=64, shard_sequences=16,
+        val_fraction=0.1, workers=1, prompt_field="prompt", text_field="completion", progress=False,
+    )  # fmt: skip
+    return root / "shards", pairs, manifest
+
+
+def test_exercise_shards_mask_exactly_the_completions(exercise_shards, demo_shards):
+    from phi_train.data import TokenStream
+    from phi_train.tokenizer import Tokenizer
+
+    shards, pairs, manifest = exercise_shards
+    assert manifest["loss_mask"] is True
+    tok = Tokenizer(demo_shards.tokenizer)
+    train = manifest["splits"]["train"]
+    val = manifest["splits"]["val"]
+    assert train["documents"] + val["documents"] == len(pairs)
+    for s in (train, val):  # counts reconcile: every token is in a sequence, padding, or a dropped over-long pair
+        assert s["tokens"] == s["sequences"] * 65 - s["padding_tokens"] + s["too_long_tokens_dropped"]
+    stream = TokenStream(str(shards), "train", seq_len=64, micro_batch_size=4, rank=0, world_size=1, num_workers=0,
+                         seed=0, shuffle_buffer=1, loop=False)  # fmt: skip
+    completions = {tuple(tok.encode(p["completion"]) + [tok.eos_id]) for p in pairs}
+    prompts = {tuple(tok.encode(p["prompt"])) for p in pairs}
+    seen_targets = 0
+    for tokens, mask in stream:
+        for row, keep in zip(tokens.tolist(), mask.tolist()):
+            # split the row into runs of equal mask value: every masked-in run is exactly one completion + EOS,
+            # every masked-out run is prompts (and trailing EOS padding)
+            runs, start = [], 0
+            for i in range(1, len(row) + 1):
+                if i == len(row) or keep[i] != keep[start]:
+                    runs.append((keep[start], tuple(row[start:i])))
+                    start = i
+            for flag, run in runs:
+                if flag:
+                    assert run in completions
+                    seen_targets += len(run)
+                else:
+                    assert run in prompts or set(run) == {tok.eos_id} or any(
+                        run[: len(p)] == p for p in prompts
+                    ), "a masked-out run must be prompt tokens or padding"
+    assert seen_targets == train["target_tokens"]
+
+
+def test_finetune_from_pretrain_checkpoint_completion_only_loss(reference, exercise_shards, tmp_path):
+    shards, _, manifest = exercise_shards
+    run_dir = tmp_path / "ft"
+    proc = launch(
+        SimpleNamespace(path=str(shards)), run_dir, "train=finetune", "train.max_steps=4", "train.warmup_steps=1",
+        "train.lr=1e-3", "train.global_batch_size=8", "train.micro_batch_size=2", "train.ckpt_every=2",
+        f"train.init_from={reference / 'checkpoints'}", "model.resid_dropout=0.0",  # eval-equal forward at step 1
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    first = losses(run_dir)[1]
+    # the first step starts from the pretrained weights: its loss is the pretrained model's loss on completions, so
+    # it must equal that model's completion-only loss on the same batches, and differ from its whole-sequence loss
+    import torch
+
+    from phi_train.checkpoint import load_model_state
+    from phi_train.data import TokenStream
+    from phi_train.model import PhiModel
+
+    cfg, state, _ = load_model_state(reference / "checkpoints")
+    model = PhiModel(cfg, vocab_size=manifest["tokenizer"]["vocab_size"])
+    model.load_state_dict(state)
+    model.eval()
+    totals = {"completion": [], "whole": []}
+    for rank in range(2):
+        stream = TokenStream(str(shards), "train", seq_len=64, micro_batch_size=2, rank=rank, world_size=2,
+                             num_workers=1, seed=1234, shuffle_buffer=256)  # fmt: skip
+        it = iter(stream)
+        for _ in range(2):  # grad accumulation 2 per rank
+            tokens, mask = next(it)
+            labels = tokens[:, 1:]
+            with torch.no_grad():
+                totals["completion"].append(model(tokens[:, :-1], labels.masked_fill(~mask[:, 1:], -100)).item())
+                totals["whole"].append(model(tokens[:, :-1], labels).item())
+    completion_only = sum(totals["completion"]) / 4
+    whole = sum(totals["whole"]) / 4
+    assert first == pytest.approx(completion_only, rel=1e-4), (first, completion_only, whole)
+    assert abs(first - whole) > 1e-3
