@@ -193,3 +193,27 @@ def test_bad_model_config_is_a_one_line_error():
         small_cfg(n_head=3)
     with pytest.raises(ConfigError, match="model preset 'phi9' not found; choose one of .*phi1_small"):
         model_config(preset="phi9")
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none)")
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_backends_agree(dtype):
+    """flash-attn (when installed) and SDPA give the same logits in half precision; bf16 forward is close to fp32."""
+    torch.manual_seed(0)
+    cfg = small_cfg(attention="sdpa")
+    ref = PhiModel(cfg).cuda().eval()
+    ids = torch.randint(0, ref.vocab_size, (2, 48), device="cuda")
+    with torch.no_grad():
+        fp32 = ref(ids).float()
+        half = ref.to(dtype)(ids).float()
+        assert (half - fp32).abs().max() < 0.1
+        try:
+            import flash_attn  # noqa: F401
+        except ImportError:
+            return
+        flash = PhiModel(small_cfg(attention="flash")).cuda().to(dtype).eval()
+        flash.load_state_dict(ref.state_dict())
+        assert (flash(ids).float() - half).abs().max() < 2e-2
