@@ -27,6 +27,7 @@ config records `fused_block` so an import gives back the fused layout.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import shutil
@@ -58,7 +59,7 @@ def _block_indices(state: dict[str, torch.Tensor]) -> list[int]:
     return sorted({int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))})
 
 
-def _take(state: dict[str, torch.Tensor], key: str, shape: tuple[int, ...], layout: str) -> torch.Tensor:
+def _take(state: dict[str, torch.Tensor], layout: str, key: str, shape: tuple[int, ...]) -> torch.Tensor:
     t = state.get(key)
     if t is None:
         raise InteropError(f"{key} is missing from the model state (expected the {layout} layout)")
@@ -71,14 +72,16 @@ def fuse_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
     """Unfused (Block) state -> FusedBlock state of the same function; non-block entries are kept as they are."""
     C, M = cfg.d_model, cfg.d_mlp
     out = {k: v for k, v in state.items() if not k.startswith("blocks.")}
+    g = functools.partial(_take, state, "unfused")
     for i in _block_indices(state):
         b = f"blocks.{i}."
-        g = lambda name, shape: _take(state, b + name, shape, "unfused")  # noqa: E731
-        out[b + "ln.weight"], out[b + "ln.bias"] = g("ln.weight", (C,)), g("ln.bias", (C,))
-        out[b + "in_proj.weight"] = torch.cat([g("attn.qkv.weight", (3 * C, C)), g("mlp.fc1.weight", (M, C))])
-        out[b + "in_proj.bias"] = torch.cat([g("attn.qkv.bias", (3 * C,)), g("mlp.fc1.bias", (M,))])
-        out[b + "out_proj.weight"] = torch.cat([g("attn.proj.weight", (C, C)), g("mlp.fc2.weight", (C, M))], dim=1)
-        out[b + "out_proj.bias"] = g("attn.proj.bias", (C,)) + g("mlp.fc2.bias", (C,))
+        out[b + "ln.weight"], out[b + "ln.bias"] = g(b + "ln.weight", (C,)), g(b + "ln.bias", (C,))
+        out[b + "in_proj.weight"] = torch.cat([g(b + "attn.qkv.weight", (3 * C, C)), g(b + "mlp.fc1.weight", (M, C))])
+        out[b + "in_proj.bias"] = torch.cat([g(b + "attn.qkv.bias", (3 * C,)), g(b + "mlp.fc1.bias", (M,))])
+        out[b + "out_proj.weight"] = torch.cat(
+            [g(b + "attn.proj.weight", (C, C)), g(b + "mlp.fc2.weight", (C, M))], dim=1
+        )
+        out[b + "out_proj.bias"] = g(b + "attn.proj.bias", (C,)) + g(b + "mlp.fc2.bias", (C,))
     return out
 
 
@@ -87,14 +90,14 @@ def unfuse_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[
     mlp.fc2's bias is zero. fuse_state_dict(unfuse_state_dict(s)) == s exactly."""
     C, M = cfg.d_model, cfg.d_mlp
     out = {k: v for k, v in state.items() if not k.startswith("blocks.")}
+    g = functools.partial(_take, state, "fused")
     for i in _block_indices(state):
         b = f"blocks.{i}."
-        g = lambda name, shape: _take(state, b + name, shape, "fused")  # noqa: E731
-        out[b + "ln.weight"], out[b + "ln.bias"] = g("ln.weight", (C,)), g("ln.bias", (C,))
-        w_in, b_in = g("in_proj.weight", (3 * C + M, C)), g("in_proj.bias", (3 * C + M,))
+        out[b + "ln.weight"], out[b + "ln.bias"] = g(b + "ln.weight", (C,)), g(b + "ln.bias", (C,))
+        w_in, b_in = g(b + "in_proj.weight", (3 * C + M, C)), g(b + "in_proj.bias", (3 * C + M,))
         out[b + "attn.qkv.weight"], out[b + "mlp.fc1.weight"] = w_in[: 3 * C].clone(), w_in[3 * C :].clone()
         out[b + "attn.qkv.bias"], out[b + "mlp.fc1.bias"] = b_in[: 3 * C].clone(), b_in[3 * C :].clone()
-        w_out, b_out = g("out_proj.weight", (C, C + M)), g("out_proj.bias", (C,))
+        w_out, b_out = g(b + "out_proj.weight", (C, C + M)), g(b + "out_proj.bias", (C,))
         out[b + "attn.proj.weight"], out[b + "mlp.fc2.weight"] = w_out[:, :C].contiguous(), w_out[:, C:].contiguous()
         out[b + "attn.proj.bias"], out[b + "mlp.fc2.bias"] = b_out.clone(), torch.zeros_like(b_out)
     return out

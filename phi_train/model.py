@@ -65,13 +65,14 @@ class Rotary(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first cos.shape[-1] dims of x (B, H, T, D); the rest pass through untouched."""
+    """Rotate the first cos.shape[-1] dims of x (..., T, D); the rest pass through untouched.
+
+    "Rotate half": x_rot * cos + cat(-x2, x1) * sin, written per half so that no rotated copy of x is built (the
+    tables hold each angle twice, cos = cat(c, c)): the same products and sums, a third fewer kernels per call."""
     rd = cos.shape[-1]
-    x_rot, x_pass = x[..., :rd], x[..., rd:]
-    x1, x2 = x_rot.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    x_rot = (x_rot.float() * cos + rotated.float() * sin).to(x.dtype)  # fp32 angles: bf16 loses position at 2k
-    return torch.cat([x_rot, x_pass], dim=-1)
+    x1, x2 = x[..., : rd // 2].float(), x[..., rd // 2 : rd].float()  # fp32 angles: bf16 loses position at 2k
+    c, s = cos[..., : rd // 2], sin[..., : rd // 2]
+    return torch.cat([(x1 * c - x2 * s).to(x.dtype), (x2 * c + x1 * s).to(x.dtype), x[..., rd:]], dim=-1)
 
 
 class KVCache:
@@ -102,7 +103,9 @@ def use_flash(backend: str, x: torch.Tensor, mask: torch.Tensor | None) -> bool:
         return False
     ok = flash_attn_func is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
     if backend == "flash" and not ok:
-        raise RuntimeError("model.attention=flash needs flash-attn installed and fp16/bf16 tensors on CUDA; use auto or sdpa")
+        raise RuntimeError(
+            "model.attention=flash needs flash-attn installed and fp16/bf16 tensors on CUDA; use auto or sdpa"
+        )
     return ok
 
 
@@ -122,8 +125,9 @@ def attend(
     before the output projection; shared by the unfused `Attention` and the `FusedBlock`."""
     B, T, C3 = qkv.shape
     C = C3 // 3
-    q, k, v = qkv.view(B, T, 3, n_head, C // n_head).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, D)
-    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    qkv = qkv.view(B, T, 3, n_head, C // n_head).permute(2, 0, 3, 1, 4)  # (3, B, H, T, D)
+    q, k = apply_rotary(qkv[:2], cos, sin)  # queries and keys rotated together: one set of kernels for both
+    v = qkv[2]
     if cache is not None:
         k, v = cache.update(layer, k, v)  # (B, H, S, D)
     if use_flash(backend, qkv, mask):
