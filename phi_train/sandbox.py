@@ -249,8 +249,10 @@ BOOTSTRAP = _READ_STDIN + _BODY
 # child closes the zygote's control socket and every descriptor but stdout, stderr and the report pipe before the
 # body runs, so a program can neither talk to the zygote nor see other programs' files; the zygote runs as the harness
 # (root) and the program under its private uid, so it cannot signal the zygote either. One zygote serves one harness
-# thread at a time (a pool), so `run_programs` keeps its parallelism. Set PHI_SANDBOX_ZYGOTE=0 to start a fresh
-# interpreter per program instead (the behaviour is the same, only slower).
+# thread at a time (a pool), so `run_programs` keeps its parallelism. What children of one zygote do share, as with
+# any fork server: the address-space layout (ASLR is drawn once per zygote) and the str-hash seed, which only matter
+# to a memory-corruption exploit of the interpreter. Set PHI_SANDBOX_ZYGOTE=0 to start a fresh interpreter per
+# program instead (same verdicts, ~4x slower).
 ZYGOTE = r"""
 import builtins, ctypes, io, json, os, resource, sys, traceback, socket, subprocess, shutil, pty, _socket
 BODY = compile(@BODY@, "<bootstrap>", "exec")
