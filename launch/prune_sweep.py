@@ -36,6 +36,9 @@ def steps(args: argparse.Namespace, tau: str) -> list[tuple[str, list[str], Path
     py = sys.executable
     shard = [py, "-m", "data_tools.shard", "--input", str(tau_file(Path(args.decontaminated), tau))]
     shard += ["--tokenizer", args.tokenizer, "--out", str(shards), "--seq-len", str(args.seq_len)]
+    shard += ["--shard-sequences", str(args.shard_sequences)]
+    if args.prompt_field:  # exercises: loss on the completion only, as phi-1's fine-tune stage
+        shard += ["--prompt-field", args.prompt_field, "--text-field", args.text_field]
     train = [*shlex.split(args.launcher), "launch/train.py", f"+model={args.model}", "train=finetune"]
     train += [f"train.init_from={args.init_from}", f"data.path={shards}", f"run_dir={run}", *args.train_override]
     evaluate = [py, "launch/evaluate.py", f"eval={args.benchmark}", f"eval.checkpoint={run / 'checkpoints'}"]
@@ -49,8 +52,16 @@ def steps(args: argparse.Namespace, tau: str) -> list[tuple[str, list[str], Path
 
 def execute(cmd: list[str], dry_run: bool) -> None:
     print("$ " + shlex.join(cmd), flush=True)
-    if not dry_run:
+    if dry_run:
+        return
+    try:
         subprocess.run(cmd, cwd=ROOT, check=True)
+    except FileNotFoundError:
+        raise SystemExit(
+            f"error: {cmd[0]!r} not found (activate the venv or pass --launcher with a full path)"
+        ) from None
+    except subprocess.CalledProcessError as exc:
+        raise SystemExit(f"error: step failed with exit {exc.returncode}: {shlex.join(cmd)}") from None
 
 
 def results_table(args: argparse.Namespace) -> str:
@@ -76,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decon-override", action="append", default=[], help="key=value for data_tools.decontaminate")
     ap.add_argument("--tokenizer", required=True, help="tokenizer.model the shards are cut with")
     ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--shard-sequences", type=int, default=64, help="sequences per shard (>= one shard per reader)")
+    ap.add_argument("--prompt-field", default="prompt", help="exercise prompt field; empty string = plain documents")
+    ap.add_argument("--text-field", default="completion", help="the completion field (or the document field)")
     ap.add_argument("--model", default="phi1_tiny", help="conf/model/<name>.yaml")
     ap.add_argument("--init-from", required=True, help="the pretrained (phi-1-base) checkpoint directory")
     ap.add_argument("--benchmark", default="humaneval", help="conf/eval/<name>.yaml")

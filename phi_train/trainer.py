@@ -8,6 +8,7 @@ compute exactly what the uninterrupted one would have.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -226,7 +227,9 @@ class Trainer:
                 model.load_state_dict(state)
             except RuntimeError as exc:
                 first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
-                raise ConfigError(f"train.init_from={conf.train.init_from}: weights do not fit this model ({first})") from None
+                raise ConfigError(
+                    f"train.init_from={conf.train.init_from}: weights do not fit this model ({first})"
+                ) from None
 
         t = conf.train
         self.ds_config = deepspeed_config(conf, self.world)
@@ -338,12 +341,19 @@ class Trainer:
         rank, world = (self.rank, self.world) if n_val >= self.world else (0, 1)
         val = TokenStream(
             d.path, "val", seq_len=self.seq_len, micro_batch_size=t.micro_batch_size, rank=rank,
-            world_size=world, num_workers=0, seed=d.seed, shuffle_buffer=1, on_bad_shard=d.on_bad_shard, loop=True,
+            world_size=world, num_workers=0, seed=d.seed, shuffle_buffer=1, on_bad_shard=d.on_bad_shard, loop=False,
         )  # fmt: skip
+        # One finite pass, at most eval_batches; every rank then runs the same number of forwards (ZeRO-3 gathers
+        # parameters inside forward, so unequal counts would hang), the smallest any rank has.
+        batches = list(itertools.islice(iter(val), t.eval_batches))
+        n = torch.tensor(len(batches), device=self.device)
+        dist.all_reduce(n, op=dist.ReduceOp.MIN)
+        if n.item() == 0:
+            return float("nan")
         self.engine.eval()
-        total, it = torch.zeros(2, device=self.device), iter(val)
-        for _ in range(t.eval_batches):
-            total[0] += self.engine(*self.inputs_and_labels(next(it))).float()
+        total = torch.zeros(2, device=self.device)
+        for batch in batches[: n.item()]:
+            total[0] += self.engine(*self.inputs_and_labels(batch)).float()
             total[1] += 1
         self.engine.train()
         dist.all_reduce(total)
