@@ -14,7 +14,6 @@ then a summary (in, kept, dropped per reason, bytes/tokens kept) printed and sav
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import sys
@@ -30,6 +29,7 @@ from data_tools.codetextbook_config import (
     load_config,
     to_yaml,
 )
+from data_tools.tool_config import parse_cli, run_cli
 
 
 class ReconcileError(ValueError):
@@ -299,29 +299,20 @@ def run_pipeline(cfg: CodeTextbookConfig) -> dict[str, Any] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m data_tools.codetextbook", description=__doc__.split("\n")[0])
-    ap.add_argument("--config-name", default="demo", help="conf/codetextbook/<name>.yaml, or a path to a YAML file")
-    ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    ap.add_argument("--summary-only", action="store_true", help="recompute the summary of a finished run")
-    ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. annotate.sample_size=200")
-    args = ap.parse_args(argv)
-    from data_tools.classify import ClassifierError
+    flags = {"--summary-only": "recompute the summary of a finished run"}
+    args = parse_cli("codetextbook", __doc__, "codetextbook", "annotate.sample_size=200", argv, flags)
+    from data_tools.classify import ClassifierError  # after parsing: `--help` stays fast
     from data_tools.teacher import TeacherConfigError
 
-    try:
-        cfg = load_config(args.config_name, args.overrides)
-        if args.print_config:
-            print(to_yaml(cfg))
-            return 0
+    def run(cfg: CodeTextbookConfig) -> None:
         if args.summary_only:
-            summary = summarize(cfg)
-            print_summary(summary)
-            return 0
-        run_pipeline(cfg)
-    except (CodeTextbookConfigError, ClassifierError, TeacherConfigError, ReconcileError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+            print_summary(summarize(cfg))
+        else:
+            run_pipeline(cfg)
+
+    return run_cli(
+        args, load_config, run, (CodeTextbookConfigError, ClassifierError, TeacherConfigError, ReconcileError)
+    )
 
 
 if __name__ == "__main__":

@@ -7,12 +7,12 @@ Loaded by OmegaConf structured merge: `conf/codetextbook/<name>.yaml` and `key=v
 
 from __future__ import annotations
 
-import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omegaconf import MISSING, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import MISSING
+
+from data_tools.tool_config import config_path, load, to_yaml  # noqa: F401  (to_yaml: re-exported for callers)
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf" / "codetextbook"
 INPUT_KINDS = ("python_files", "stack_jsonl", "stack_parquet", "stackoverflow_jsonl")
@@ -30,10 +30,6 @@ PHI1_PROMPT = (
     "self-contained, well-explained example of basic coding concepts). "
     "Reply with the integer only."
 )
-
-if not OmegaConf.has_resolver("stdlib"):
-    # `${stdlib:}` in YAML: this interpreter's standard library, the demo's corpus.
-    OmegaConf.register_new_resolver("stdlib", lambda: sysconfig.get_paths()["stdlib"])
 
 
 class CodeTextbookConfigError(ValueError):
@@ -238,29 +234,8 @@ class CodeTextbookConfig:
 
 def load_config(config_name: str = "demo", overrides: list[str] | None = None) -> CodeTextbookConfig:
     """YAML `conf/codetextbook/<config_name>.yaml` (or a path) <- dotlist overrides, checked against the dataclasses."""
-    path = Path(config_name)
-    if not path.suffix:
-        path = CONF_DIR / f"{config_name}.yaml"
-    if not path.is_file():
-        names = sorted(p.stem for p in CONF_DIR.glob("*.yaml"))
-        raise CodeTextbookConfigError(f"config {str(path)!r} not found; available in {CONF_DIR}: {', '.join(names)}")
-    schema = OmegaConf.structured(CodeTextbookConfig(inputs=[InputConfig(path=".")]))
-    where = str(path)
-    try:
-        merged = OmegaConf.merge(schema, OmegaConf.load(path))
-        if overrides:
-            where = "command line"
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
-        where = str(path)
-        cfg = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as e:
-        first = str(e).strip().splitlines()[0]
-        key = getattr(e, "full_key", None)
-        raise CodeTextbookConfigError(f"{where}: {first}" + (f" (key: {key})" if key else "")) from None
-    assert isinstance(cfg, CodeTextbookConfig)
-    return cfg
-
-
-def to_yaml(cfg: CodeTextbookConfig) -> str:
-    """The resolved config as YAML (holds no secret: only the *name* of the API key variable)."""
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    path = config_path(CONF_DIR, config_name, CodeTextbookConfigError)
+    # `load` takes a schema instance, which must pass `__post_init__` (non-empty inputs): a placeholder input,
+    # replaced by the YAML's.
+    schema = CodeTextbookConfig(inputs=[InputConfig(path=".")])
+    return load(schema, path, overrides, CodeTextbookConfigError)

@@ -24,7 +24,6 @@ Counts reconcile: per tau, in == kept + removed, and removed == the items scored
 
 from __future__ import annotations
 
-import argparse
 import bisect
 import heapq
 import json
@@ -54,6 +53,7 @@ from data_tools.contamination_measures import (
 )
 from data_tools.decontaminate_config import DecontaminateConfig, DecontaminateConfigError, load_config, to_yaml
 from data_tools.sources import SourceError
+from data_tools.tool_config import parse_cli, run_cli
 from phi_train.benchmarks import BenchmarkError
 
 
@@ -370,25 +370,19 @@ def flagged_items(
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m data_tools.decontaminate", description=__doc__.split("\n")[0])
-    ap.add_argument("--config-name", default="demo", help="conf/decontaminate/<name>.yaml, or a path to a YAML file")
-    ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. ngram.n=10 benchmark.name=mbpp")
-    args = ap.parse_args(argv)
-    try:
-        cfg = load_config(args.config_name, args.overrides)
-        if args.print_config:
-            print(to_yaml(cfg))
-            return 0
+    args = parse_cli("decontaminate", __doc__, "decontaminate", "ngram.n=10 benchmark.name=mbpp", argv)
+
+    def run_and_report(cfg: DecontaminateConfig) -> None:
         stats = run(cfg)
-    except (DecontaminateConfigError, BenchmarkError, SourceError, ReconcileError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    line = ", ".join(f"tau {t}: -{s['removed']}" for t, s in stats["prune"].items())
-    print(
-        f"{stats['train']['items']} items, {stats['items_per_s']} items/s; {line}; report: {cfg.output_dir}/report.md"
+        line = ", ".join(f"tau {t}: -{s['removed']}" for t, s in stats["prune"].items())
+        print(
+            f"{stats['train']['items']} items, {stats['items_per_s']} items/s; {line}; "
+            f"report: {cfg.output_dir}/report.md"
+        )
+
+    return run_cli(
+        args, load_config, run_and_report, (DecontaminateConfigError, BenchmarkError, SourceError, ReconcileError)
     )
-    return 0
 
 
 if __name__ == "__main__":

@@ -7,21 +7,17 @@ structured merge, so an unknown key or a value of the wrong type fails at start;
 
 from __future__ import annotations
 
-import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omegaconf import MISSING, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import MISSING
+
+from data_tools.tool_config import config_path, load, to_yaml  # noqa: F401  (to_yaml: re-exported for callers)
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf" / "decontaminate"
 BENCHMARKS = ("humaneval", "mbpp", "custom")
 EMBEDDERS = ("minilm", "hashing", "phi_train")
 AST_METHODS = ("ted", "sequence")
-
-if not OmegaConf.has_resolver("stdlib"):
-    # `${stdlib:}` in YAML: this interpreter's standard library (same resolver as conf/codetextbook).
-    OmegaConf.register_new_resolver("stdlib", lambda: sysconfig.get_paths()["stdlib"])
 
 
 class DecontaminateConfigError(ValueError):
@@ -166,31 +162,12 @@ class DecontaminateConfig:
 
 def load_config(config_name: str = "demo", overrides: list[str] | None = None) -> DecontaminateConfig:
     """YAML `conf/decontaminate/<config_name>.yaml` (or a path) <- dotlist overrides, checked against the dataclasses."""
-    path = Path(config_name)
-    if not path.suffix:
-        path = CONF_DIR / f"{config_name}.yaml"
-    if not path.is_file():
-        names = sorted(p.stem for p in CONF_DIR.glob("*.yaml"))
-        raise DecontaminateConfigError(f"config {str(path)!r} not found; available in {CONF_DIR}: {', '.join(names)}")
-    schema = OmegaConf.structured(DecontaminateConfig(train=TrainSetConfig(paths=["."])))
-    where = str(path)
-    try:
-        merged = OmegaConf.merge(schema, OmegaConf.load(path))
-        if overrides:
-            where = "command line"
-            bad = [o for o in overrides if "=" not in o]
-            if bad:
-                raise DecontaminateConfigError(f"command line: override {bad[0]!r} is not key=value")
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
-        where = str(path)
-        cfg = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as e:
-        first = str(e).strip().splitlines()[0]
-        key = getattr(e, "full_key", None)
-        raise DecontaminateConfigError(f"{where}: {first}" + (f" (key: {key})" if key else "")) from None
-    assert isinstance(cfg, DecontaminateConfig)
-    return cfg
-
-
-def to_yaml(cfg: DecontaminateConfig) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    path = config_path(CONF_DIR, config_name, DecontaminateConfigError)
+    # OmegaConf would read a bare `ngram.n` as "set to null"; here it is a typo, so say so.
+    bad = [o for o in overrides or () if "=" not in o]
+    if bad:
+        raise DecontaminateConfigError(f"command line: override {bad[0]!r} is not key=value")
+    # `load` takes a schema instance, which must pass `__post_init__` (non-empty paths): a placeholder path,
+    # replaced by the YAML's.
+    schema = DecontaminateConfig(train=TrainSetConfig(paths=["."]))
+    return load(schema, path, overrides, DecontaminateConfigError)

@@ -27,7 +27,6 @@ sandbox_error, sandbox_timeout, sandbox_killed). Output: `output_dir/<teacher|mi
 
 from __future__ import annotations
 
-import argparse
 import ast
 import builtins
 import json
@@ -49,7 +48,6 @@ from data_tools.synth import (
     check_drops,
     cli_errors,
     draw_items,
-    fail,
     load_config,
     make_client,
     pick_words,
@@ -61,6 +59,7 @@ from data_tools.synth import (
     write_jsonl,
 )
 from data_tools.textbooks import code_blocks
+from data_tools.tool_config import parse_cli, run_cli
 
 BUILTINS = frozenset(dir(builtins))
 VERDICT_DROP = {
@@ -534,20 +533,8 @@ def run(cfg: SynthConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m data_tools.exercises", description=__doc__.split("\n")[0])
-    ap.add_argument("--config-name", default="demo", help="conf/synth/<name>.yaml, or a path to a YAML file")
-    ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. exercises.source=mine")
-    args = ap.parse_args(argv)
-    try:
-        cfg = load_config(args.config_name, args.overrides)
-        if args.print_config:
-            print(to_yaml(cfg))
-            return 0
-        run(cfg)
-    except cli_errors() as e:
-        return fail(e)
-    return 0
+    args = parse_cli("exercises", __doc__, "synth", "exercises.source=mine", argv)
+    return run_cli(args, load_config, run, cli_errors())
 
 
 if __name__ == "__main__":

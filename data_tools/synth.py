@@ -21,7 +21,6 @@ import hashlib
 import json
 import os
 import random
-import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -29,10 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 
 from data_tools.codetextbook_config import DedupConfig, TeacherConfig
+from data_tools.tool_config import config_path, fail, load, to_yaml  # noqa: F401  (fail, to_yaml: re-exported)
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf" / "synth"
 GENERATIONS = "generations.jsonl"
@@ -169,37 +168,12 @@ def _load_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> Any:
 
 
 def _config_path(name: str, relative_to: Path = CONF_DIR) -> Path:
-    path = Path(name)
-    if not path.suffix:
-        path = relative_to / f"{name}.yaml"
-    if not path.is_file():
-        names = sorted(p.stem for p in CONF_DIR.glob("*.yaml"))
-        raise SynthConfigError(f"config {str(path)!r} not found; available in {CONF_DIR}: {', '.join(names)}")
-    return path
+    return config_path(CONF_DIR, name, SynthConfigError, relative_to)
 
 
 def load_config(config_name: str = "demo", overrides: Sequence[str] = ()) -> SynthConfig:
     """`conf/synth/<name>.yaml` (or a path) <- dotlist overrides, checked against the dataclasses."""
-    path = _config_path(config_name)
-    where = str(path)
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(SynthConfig), _load_yaml_chain(path))
-        if overrides:
-            where = "command line"
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
-        where = str(path)
-        cfg = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as e:
-        first = str(e).strip().splitlines()[0]
-        key = getattr(e, "full_key", None)
-        raise SynthConfigError(f"{where}: {first}" + (f" (key: {key})" if key else "")) from None
-    assert isinstance(cfg, SynthConfig)
-    return cfg
-
-
-def to_yaml(cfg: SynthConfig) -> str:
-    """The resolved config (holds no secret: only the *name* of the API key variable)."""
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    return load(SynthConfig(), _config_path(config_name), overrides, SynthConfigError, yaml_loader=_load_yaml_chain)
 
 
 def read_topics_file(path: str, want_mapping: bool, key: str = "topics_file") -> Any:
@@ -458,8 +432,3 @@ def cli_errors() -> tuple[type[Exception], ...]:
     from data_tools.teacher import TeacherConfigError
 
     return (SynthConfigError, ReconcileError, TeacherConfigError, CodeTextbookConfigError, SourceError)
-
-
-def fail(exc: Exception) -> int:
-    print(f"error: {exc}", file=sys.stderr)
-    return 2

@@ -16,7 +16,6 @@ requested == generated + failed per reason; generated == kept + dropped per reas
 
 from __future__ import annotations
 
-import argparse
 import ast
 import json
 import random
@@ -36,7 +35,6 @@ from data_tools.synth import (
     check_drops,
     cli_errors,
     draw_items,
-    fail,
     load_config,
     make_client,
     pick_words,
@@ -47,6 +45,7 @@ from data_tools.synth import (
     to_yaml,
     write_jsonl,
 )
+from data_tools.tool_config import parse_cli, run_cli
 
 OUTPUT_FILE = "textbooks.jsonl.zst"
 
@@ -169,20 +168,8 @@ def run(cfg: SynthConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m data_tools.textbooks", description=__doc__.split("\n")[0])
-    ap.add_argument("--config-name", default="demo", help="conf/synth/<name>.yaml, or a path to a YAML file")
-    ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. textbooks.count=100")
-    args = ap.parse_args(argv)
-    try:
-        cfg = load_config(args.config_name, args.overrides)
-        if args.print_config:
-            print(to_yaml(cfg))
-            return 0
-        run(cfg)
-    except cli_errors() as e:
-        return fail(e)
-    return 0
+    args = parse_cli("textbooks", __doc__, "synth", "textbooks.count=100", argv)
+    return run_cli(args, load_config, run, cli_errors())
 
 
 if __name__ == "__main__":

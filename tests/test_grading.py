@@ -14,12 +14,11 @@ import os
 import re
 import subprocess
 import sys
-import threading
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from fakes import ChatHandler, FakeChatServer
 
 from phi_train.benchmarks import BenchmarkError, Problem, check_program
 from phi_train.grading import (
@@ -40,85 +39,37 @@ REPO = Path(__file__).resolve().parent.parent
 LAUNCH = REPO / "launch" / "evaluate.py"
 
 
-class FakeGrader:
+class FakeGrader(FakeChatServer):
     """`/v1/chat/completions` answering per `GRADE:<case>` marker in the first user message (default: SCORE: 8)."""
 
-    def __init__(self) -> None:
-        self.requests: list[dict] = []
-        self.seen: Counter = Counter()
-        self.lock = threading.Lock()
-        outer = self
+    marker = r"GRADE:(\S+)"
+    marker_message = 0
+    model = "fake-grader"
+    usage = (300, 20)
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                first = body["messages"][0]["content"]
-                case = m.group(1) if (m := re.search(r"GRADE:(\S+)", first)) else "default"
-                with outer.lock:
-                    outer.seen[case] += 1
-                    nth = outer.seen[case]
-                    outer.requests.append(
-                        {"case": case, "auth": self.headers["Authorization"], "messages": body["messages"]} | body
-                    )
-                self.respond(case, nth, len(body["messages"]))
-
-            def send(self, code: int, payload: bytes, headers: dict | None = None) -> None:
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                for k, v in (headers or {}).items():
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(payload)
-
-            def ok(self, text: str) -> None:
-                reply = {
-                    "id": "x",
-                    "object": "chat.completion",
-                    "created": 0,
-                    "model": "fake-grader",
-                    "choices": [
-                        {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
-                    ],
-                    "usage": {"prompt_tokens": 300, "completion_tokens": 20, "total_tokens": 320},
-                }
-                self.send(200, json.dumps(reply).encode())
-
-            def respond(self, case: str, nth: int, n_messages: int) -> None:
-                if case.startswith("score-"):
-                    self.ok(f"Meets the rubric on most points.\n\nSCORE: {case[6:]}\n")
-                elif case == "malformed-once":  # the first ask is malformed; the repair (3 messages) is fine
-                    self.ok("I would give it 7/10." if n_messages == 1 else "Corrected.\nSCORE: 6")
-                elif case == "malformed-always":
-                    self.ok("Good work.\nscore: 7/10")
-                elif case == "500-once" and nth == 1:
-                    self.send(500, b'{"error": {"message": "boom"}}')
-                elif case == "429-once" and nth == 1:
-                    self.send(429, b'{"error": {"message": "slow down"}}', headers={"Retry-After": "0.05"})
-                elif case == "500-always":
-                    self.send(500, b'{"error": {"message": "boom"}}')
-                elif case in ("500-once", "429-once"):
-                    self.ok("Fine.\nSCORE: 4")
-                else:
-                    self.ok("Correct and clear.\nSCORE: 8")
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+    def respond(self, h: ChatHandler, case: str, nth: int, body: dict) -> None:
+        if case.startswith("score-"):
+            h.ok(f"Meets the rubric on most points.\n\nSCORE: {case[6:]}\n")
+        elif case == "malformed-once":  # the first ask is malformed; the repair (3 messages) is fine
+            h.ok("I would give it 7/10." if len(body["messages"]) == 1 else "Corrected.\nSCORE: 6")
+        elif case == "malformed-always":
+            h.ok("Good work.\nscore: 7/10")
+        elif case == "500-once" and nth == 1:
+            h.send(500, b'{"error": {"message": "boom"}}')
+        elif case == "429-once" and nth == 1:
+            h.send(429, b'{"error": {"message": "slow down"}}', headers={"Retry-After": "0.05"})
+        elif case == "500-always":
+            h.send(500, b'{"error": {"message": "boom"}}')
+        elif case in ("500-once", "429-once"):
+            h.ok("Fine.\nSCORE: 4")
+        else:
+            h.ok("Correct and clear.\nSCORE: 8")
 
 
 @pytest.fixture()
 def server():
-    s = FakeGrader()
-    yield s
-    s.close()
+    with FakeGrader() as s:
+        yield s
 
 
 # Problems of our own, one per server case; three without a test (graded only, no pass@k).

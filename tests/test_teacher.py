@@ -10,17 +10,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from fakes import ChatHandler, FakeChatServer
 
 from data_tools.annotate import AnnotationCache, TeacherAnnotator, annotate_cached, parse_rating
 from data_tools.teacher import TeacherClient, TeacherConfigError
@@ -30,94 +28,35 @@ KEY_ENV = "PHI_TEST_TEACHER_KEY"
 REPO = Path(__file__).resolve().parent.parent
 
 
-class FakeTeacher:
-    """Behaviour per prompt marker; records every request (prompt, seed, auth header) and peak concurrency."""
+class FakeTeacher(FakeChatServer):
+    """Behaviour per `CASE:<name>` marker in the prompt (default `ok-7`); `FakeChatServer` records the requests."""
 
-    def __init__(self) -> None:
-        self.requests: list[dict] = []
-        self.seen: Counter = Counter()
-        self.lock = threading.Lock()
-        self.in_flight = 0
-        self.peak = 0
-        outer = self
+    default_case = "ok-7"
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                prompt = body["messages"][-1]["content"]
-                case = m.group(1) if (m := re.search(r"CASE:(\S+)", prompt)) else "ok-7"
-                with outer.lock:
-                    outer.requests.append(
-                        {"case": case, "seed": body.get("seed"), "auth": self.headers["Authorization"]}
-                    )
-                    outer.seen[case] += 1
-                    nth = outer.seen[case]
-                    outer.in_flight += 1
-                    outer.peak = max(outer.peak, outer.in_flight)
-                try:
-                    self.respond(case, nth)
-                finally:
-                    with outer.lock:
-                        outer.in_flight -= 1
-
-            def send(self, code: int, payload: bytes, ctype: str = "application/json", headers=None) -> None:
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(payload)))
-                for k, v in (headers or {}).items():
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(payload)
-
-            def ok(self, text: str) -> None:
-                reply = {
-                    "id": "x",
-                    "object": "chat.completion",
-                    "created": 0,
-                    "model": "fake",
-                    "choices": [
-                        {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
-                    ],
-                    "usage": {"prompt_tokens": 100, "completion_tokens": 2, "total_tokens": 102},
-                }
-                self.send(200, json.dumps(reply).encode())
-
-            def respond(self, case: str, nth: int) -> None:
-                if case == "429-once" and nth == 1:
-                    self.send(429, b'{"error": {"message": "slow down"}}', headers={"Retry-After": "0.05"})
-                elif case == "500":
-                    self.send(500, b'{"error": {"message": "boom"}}')
-                elif case == "slow-once":
-                    if nth == 1:
-                        time.sleep(1.5)  # past the client's 0.5 s timeout: it must retry
-                    self.ok("9")
-                elif case == "garbage":
-                    self.send(200, b"<html>this is not json", ctype="application/json")
-                elif case == "not-a-rating":
-                    self.ok("This code is quite educational, I would say.")
-                elif case.startswith("ok-"):
-                    time.sleep(0.05)
-                    self.ok(case[3:])
-                else:
-                    self.ok("5")
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+    def respond(self, h: ChatHandler, case: str, nth: int, body: dict) -> None:
+        if case == "429-once" and nth == 1:
+            h.send(429, b'{"error": {"message": "slow down"}}', headers={"Retry-After": "0.05"})
+        elif case == "500":
+            h.send(500, b'{"error": {"message": "boom"}}')
+        elif case == "slow-once":
+            if nth == 1:
+                time.sleep(1.5)  # past the client's 0.5 s timeout: it must retry
+            h.ok("9")
+        elif case == "garbage":
+            h.send(200, b"<html>this is not json", ctype="application/json")
+        elif case == "not-a-rating":
+            h.ok("This code is quite educational, I would say.")
+        elif case.startswith("ok-"):
+            time.sleep(0.05)
+            h.ok(case[3:])
+        else:
+            h.ok("5")
 
 
 @pytest.fixture()
 def server():
-    s = FakeTeacher()
-    yield s
-    s.close()
+    with FakeTeacher() as s:
+        yield s
 
 
 @pytest.fixture()
