@@ -61,21 +61,7 @@ def build_annotator(cfg: AnnotateConfig, cache_dir: str, progress: bool):
     if cfg.annotator == "rubric":
         return RubricAnnotator()
     t = cfg.teacher
-    client = TeacherClient(
-        base_url=t.base_url,
-        model=t.model,
-        api_key_env=t.api_key_env,
-        max_concurrency=t.max_concurrency,
-        requests_per_minute=t.requests_per_minute,
-        max_retries=t.max_retries,
-        timeout_s=t.timeout_s,
-        cache_dir=cache_dir,
-        backoff_base_s=t.backoff_base_s,
-        backoff_max_s=t.backoff_max_s,
-        price_prompt_per_1k=t.price_prompt_per_1k,
-        price_completion_per_1k=t.price_completion_per_1k,
-        progress=progress,
-    )
+    client = TeacherClient.from_config(t, cache_dir, progress)
     return TeacherAnnotator(
         client, cfg.prompt_template, cfg.max_prompt_chars, cfg.parse_retries, t.temperature, t.max_tokens
     )

@@ -324,21 +324,7 @@ class GenerationCounts:
 def make_client(t: TeacherConfig, cache_dir: str | Path):
     from data_tools.teacher import TeacherClient
 
-    return TeacherClient(
-        base_url=t.base_url,
-        model=t.model,
-        api_key_env=t.api_key_env,
-        max_concurrency=t.max_concurrency,
-        requests_per_minute=t.requests_per_minute,
-        max_retries=t.max_retries,
-        timeout_s=t.timeout_s,
-        cache_dir=cache_dir,
-        backoff_base_s=t.backoff_base_s,
-        backoff_max_s=t.backoff_max_s,
-        price_prompt_per_1k=t.price_prompt_per_1k,
-        price_completion_per_1k=t.price_completion_per_1k,
-        progress=False,
-    )
+    return TeacherClient.from_config(t, cache_dir)
 
 
 def run_generation(

@@ -175,6 +175,16 @@ class TeacherClient:
         self.cache = _ReplyCache(cache_dir)
         self.stats = TeacherStats()
 
+    @classmethod
+    def from_config(cls, t, cache_dir: str | Path | None, progress: bool = False, **overrides) -> TeacherClient:
+        """A client from any teacher config whose fields carry the constructor's names (codetextbook's and synth's
+        `TeacherConfig`, the grader's): one mapping for every caller; fields a config lacks keep their defaults."""
+        import inspect
+
+        names = [n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "cache_dir", "progress")]
+        kwargs = {n: getattr(t, n) for n in names if hasattr(t, n)}
+        return cls(**{**kwargs, **overrides}, cache_dir=cache_dir, progress=progress)
+
     def __repr__(self) -> str:
         return f"TeacherClient(base_url={self.base_url!r}, model={self.model!r}, api_key_env={self.api_key_env!r})"
 

@@ -423,18 +423,5 @@ def make_client(cfg: GraderConfig, cache_dir: str | Path | None, progress: bool 
     # httpx logs every request at INFO, which floods the console next to the progress bar; failures are still
     # logged (without the key) by the teacher client as warnings.
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    return TeacherClient(
-        base_url=cfg.base_url,
-        model=cfg.model,
-        api_key_env=cfg.api_key_env,
-        max_concurrency=cfg.max_concurrency,
-        requests_per_minute=cfg.requests_per_minute,
-        max_retries=cfg.http_retries,
-        timeout_s=cfg.timeout_s,
-        cache_dir=cache_dir,
-        backoff_base_s=cfg.backoff_base_s,
-        backoff_max_s=cfg.backoff_max_s,
-        price_prompt_per_1k=cfg.price_prompt_per_1k,
-        price_completion_per_1k=cfg.price_completion_per_1k,
-        progress=progress,
-    )
+    # the grader's own retry count is for malformed replies; http_retries is the client's
+    return TeacherClient.from_config(cfg, cache_dir, progress, max_retries=cfg.http_retries)

@@ -324,3 +324,22 @@ def test_bad_config_is_one_line_exit_2(tmp_path):
         )
         assert p.returncode == 2, (args, p.stderr)
         assert len(p.stderr.strip().splitlines()) == 1 and needle in p.stderr, p.stderr
+
+
+def test_invalid_yaml_is_one_line_error(tmp_path):
+    """A YAML syntax error in a user's config names the file and line, exit 2, no traceback (data_tools/tool_config)."""
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("inputs:\n  - kind: [python_files\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "data_tools.codetextbook", "--config-name", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "bad.yaml" in lines[0] and "invalid YAML" in lines[0]
