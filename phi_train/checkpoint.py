@@ -139,3 +139,24 @@ def save_fp32(ckpt_dir: str | Path, tag: str) -> Path:
     save_file({k: v.float().contiguous() for k, v in state.items()}, str(tmp))
     os.replace(tmp, out)
     return out
+
+
+def save_inference(ckpt_dir: str | Path, model: torch.nn.Module, tokenizer_path: str | Path, step: int = 0) -> Path:
+    """A checkpoint without DeepSpeed state, as the trainer's final one looks to inference: meta.json + consolidated
+    fp32 weights, committed the same way. For models that never went through the engine (an imported transformers
+    Phi, a hand-built model in a test) so that generate/serve/evaluate/export/init_from take them like any other."""
+    from safetensors.torch import save_file
+
+    ckpt_dir, tag = Path(ckpt_dir), tag_for(step)
+    (ckpt_dir / tag).mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().float().contiguous() for k, v in model.state_dict().items()}, str(ckpt_dir / tag / FP32))
+    meta = {
+        "format": 1,
+        "step": step,
+        "model": asdict(model.cfg),
+        "vocab_size": model.vocab_size,
+        "world_size": 1,
+        "tokenizer": {"path": str(Path(tokenizer_path).resolve())},
+    }
+    commit(ckpt_dir, tag, meta, keep_last=1)
+    return ckpt_dir

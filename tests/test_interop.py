@@ -158,21 +158,9 @@ def test_unsupported_transformers_configs_are_refused_in_one_line():
 
 def write_checkpoint(ckpt_dir: Path, model: PhiModel, tokenizer_path: Path) -> None:
     """A phi_train checkpoint as the trainer leaves its final one: meta.json + consolidated fp32 safetensors."""
-    from safetensors.torch import save_file
+    from phi_train.checkpoint import save_inference
 
-    from phi_train.checkpoint import FP32, commit, tag_for
-
-    tag = tag_for(3)
-    (ckpt_dir / tag).mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt_dir / tag / FP32))
-    meta = {
-        "model": asdict(model.cfg),
-        "step": 3,
-        "vocab_size": model.vocab_size,
-        "world_size": 1,
-        "tokenizer": {"path": str(tokenizer_path)},
-    }
-    commit(ckpt_dir, tag, meta, keep_last=2)
+    save_inference(ckpt_dir, model, tokenizer_path, step=3)
 
 
 def run(script: str, *args: str) -> subprocess.CompletedProcess:

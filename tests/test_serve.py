@@ -16,7 +16,6 @@ import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -32,10 +31,9 @@ STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
 def write_tiny_checkpoint(root: Path, seed: int = 0) -> Path:
     """Tokenizer trained on a few stdlib files + a random 2-layer PhiModel, saved as the trainer's final checkpoint."""
-    from safetensors.torch import save_file
 
     from data_tools.tokenizer import train_tokenizer
-    from phi_train.checkpoint import FP32, commit, tag_for
+    from phi_train.checkpoint import save_inference
     from phi_train.config import model_config
     from phi_train.model import PhiModel
     from phi_train.tokenizer import Tokenizer
@@ -46,19 +44,7 @@ def write_tiny_checkpoint(root: Path, seed: int = 0) -> Path:
     cfg = model_config(preset="phi1_tiny", n_layer=2, d_model=128, n_head=2, d_mlp=512, max_seq_len=128)
     torch.manual_seed(seed)
     model = PhiModel(cfg, vocab_size=tok.vocab_size).eval()
-    ckpt = root / "checkpoints"
-    tag = tag_for(1)
-    (ckpt / tag).mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt / tag / FP32))
-    meta = {
-        "model": asdict(model.cfg),
-        "step": 1,
-        "vocab_size": model.vocab_size,
-        "world_size": 1,
-        "tokenizer": {"path": str(tok_path)},
-    }
-    commit(ckpt, tag, meta, keep_last=2)
-    return ckpt
+    return save_inference(root / "checkpoints", model, tok_path, step=1)
 
 
 class ServeProcess:
