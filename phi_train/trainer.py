@@ -165,6 +165,16 @@ def local_tokenizer(data_path: str, manifest: dict, run_dir: Path) -> str:
     return str(local)
 
 
+def wandb_run_id(run_dir: Path) -> str:
+    """Stable per run directory, so a resumed run continues its own wandb run and two runs that share a directory
+    *name* (runs/a/demo, runs/b/demo) never merge."""
+    import hashlib
+    import re
+
+    name = re.sub(r"[^A-Za-z0-9_-]", "-", run_dir.name)[:40]  # wandb ids take letters, digits, - and _ only
+    return f"{name}-{hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:10]}"
+
+
 def fault(point: str) -> None:
     """Test hook: PHI_TRAIN_FAULT=step:N kills this process mid-step N, save:N between writing checkpoint N and
     committing it — real SIGKILLs at chosen moments, for the resume tests."""
@@ -402,7 +412,7 @@ class Trainer:
 
             self.wandb = wandb.init(
                 project=w.project, entity=w.entity, group=w.group, tags=list(w.tags), mode=w.mode,
-                dir=str(self.run_dir), name=self.run_dir.name, id=self.run_dir.name.replace("/", "-"),
+                dir=str(self.run_dir), name=self.run_dir.name, id=wandb_run_id(self.run_dir),
                 resume="allow", config=self.resolved,
             )  # fmt: skip
 
