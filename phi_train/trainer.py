@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from phi_train import checkpoint as ckpt
 from phi_train.config import Config, ConfigError, to_object
 from phi_train.model import PhiModel
+from phi_train.tokenizer import Tokenizer
 
 # Dense bf16 peaks (FLOP/s) for MFU by PaLM's definition; unknown devices report no MFU rather than a made-up one.
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "A10G": 125e12, "L4": 121e12, "L40S": 362e12}
@@ -138,10 +139,9 @@ def single_process_env() -> None:
     )
 
 
-def local_tokenizer(data_path: str, manifest: dict, run_dir: Path) -> str:
-    """The shards' own tokenizer.model as a local file (fetched into the run directory when shards are remote)."""
-    import hashlib
-
+def shards_tokenizer(data_path: str, manifest: dict, run_dir: Path) -> Tokenizer:
+    """The shards' own tokenizer (fetched into the run directory when shards are remote), checked against the
+    manifest's checksum — which the Tokenizer computes on load anyway."""
     import webdataset as wds
 
     from phi_train.data import DataError, _is_url, shard_url
@@ -157,12 +157,12 @@ def local_tokenizer(data_path: str, manifest: dict, run_dir: Path) -> str:
                 local.write_bytes(fh.read())
     if not local.exists():
         raise DataError(f"{url} is missing: shards must carry the tokenizer they were written with")
-    want = manifest["tokenizer"]["sha256"]
-    if hashlib.sha256(local.read_bytes()).hexdigest() != want:
+    tokenizer, want = Tokenizer(local), manifest["tokenizer"]["sha256"]
+    if tokenizer.sha256 != want:
         raise DataError(
             f"{url} does not match the manifest's tokenizer sha256 {want[:12]}...: shards and tokenizer differ"
         )
-    return str(local)
+    return tokenizer
 
 
 def wandb_run_id(run_dir: Path) -> str:
@@ -195,7 +195,6 @@ class Trainer:
         import deepspeed
 
         from phi_train.data import TokenStream, read_manifest
-        from phi_train.tokenizer import Tokenizer
 
         self.conf: Config = to_object(cfg)
         self.resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -220,7 +219,7 @@ class Trainer:
             )
         if self.seq_len > conf.model.max_seq_len:
             raise ConfigError(f"data seq_len={self.seq_len} exceeds model.max_seq_len={conf.model.max_seq_len}")
-        self.tokenizer = Tokenizer(local_tokenizer(conf.data.path, self.manifest, self.run_dir))
+        self.tokenizer = shards_tokenizer(conf.data.path, self.manifest, self.run_dir)
 
         torch.manual_seed(conf.train.seed)  # identical init on every rank
         model = PhiModel(conf.model, vocab_size=self.tokenizer.vocab_size)
