@@ -70,9 +70,7 @@ def prefill_inputs(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tup
     """
     L = max(len(p) for p in prompts)
     pad = torch.tensor([L - len(p) for p in prompts], device=device)
-    ids = torch.full((len(prompts), L), pad_id, dtype=torch.long, device=device)
-    for row, p in enumerate(prompts):
-        ids[row, L - len(p) :] = torch.tensor(list(p), dtype=torch.long, device=device)
+    ids = torch.tensor([[pad_id] * (L - len(p)) + list(p) for p in prompts], dtype=torch.long).to(device)
     cols = torch.arange(L, device=device)
     positions = (cols[None, :] - pad[:, None]).clamp(min=0)
     causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()
@@ -219,7 +217,12 @@ def _generate_batch(
         generators = [torch.Generator(device=device).manual_seed(seed + i) for i in indices]
     new: list[list[int]] = [[] for _ in range(B)]
     alive = list(range(B))  # batch row -> index into `new`
-    logits = _next_logits(model, ids, positions=positions, attn_mask=mask, cache=cache)
+    # rows of equal length need no mask and no per-row positions: attention then takes its causal kernels (flash)
+    pads = [L - len(p) for p in prompts]  # host copy of `pad`, kept in step with it
+    if any(pads):
+        logits = _next_logits(model, ids, positions=positions, attn_mask=mask, cache=cache)
+    else:
+        logits = _next_logits(model, ids, cache=cache)
     for step in range(steps):
         if vocab_size is not None and vocab_size < logits.shape[-1]:
             logits[:, vocab_size:] = float("-inf")
@@ -239,9 +242,13 @@ def _generate_batch(
             index = torch.tensor(keep, device=device)
             cache.reorder(index)
             nxt, pad = nxt[index], pad[index]
+            pads = [pads[r] for r in keep]
             alive = [alive[r] for r in keep]
             if generators is not None:
                 generators = [generators[r] for r in keep]
+        if not any(pads):
+            logits = _next_logits(model, nxt[:, None], cache=cache)
+            continue
         S = cache.length + 1
         step_mask = (torch.arange(S, device=device)[None, :] >= pad[:, None])[:, None, None, :]  # (B, 1, 1, S)
         step_pos = (cache.length - pad)[:, None]

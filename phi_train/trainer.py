@@ -30,14 +30,29 @@ from phi_train.model import PhiModel
 from phi_train.tokenizer import Tokenizer
 
 # Dense bf16 peaks (FLOP/s) for MFU by PaLM's definition; unknown devices report no MFU rather than a made-up one.
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "A10G": 125e12, "L4": 121e12, "L40S": 362e12}
+# Matched as substrings of torch.cuda.get_device_name(), longest first ("L40S" before "L40" before "L4").
+PEAK_BF16 = {
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "H100": 989e12,  # SXM
+    "H200": 989e12,
+    "GH200": 989e12,
+    "B200": 2250e12,
+    "A100": 312e12,
+    "A10G": 125e12,
+    "A10": 125e12,
+    "L40S": 362e12,
+    "L40": 181e12,
+    "L4": 121e12,
+}
+
+
+def peak_flops_for(name: str) -> float | None:
+    return next((PEAK_BF16[k] for k in sorted(PEAK_BF16, key=len, reverse=True) if k in name), None)
 
 
 def device_peak_flops() -> float | None:
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    return next((peak for key, peak in PEAK_BF16.items() if key in name), None)
+    return peak_flops_for(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
 
 
 def lr_lambda(step: int, warmup: int, max_steps: int, lr: float, min_lr: float) -> float:
@@ -52,7 +67,8 @@ def precision(conf: Config) -> str:
     if conf.train.precision != "auto":
         return conf.train.precision
     if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        # native bf16 only (Ampere+): emulated bf16 on a V100/T4 is slower than fp16 with a loss scale
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     return "fp32"
 
 
@@ -77,6 +93,7 @@ def deepspeed_config(conf: Config, world_size: int) -> dict:
     if z.offload_param:
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
     prec = precision(conf)
+    gpu = torch.cuda.is_available()
     return {
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
@@ -92,9 +109,12 @@ def deepspeed_config(conf: Config, world_size: int) -> dict:
                 "betas": [t.beta1, t.beta2],
                 "eps": t.adam_eps,
                 "weight_decay": t.weight_decay,
-                # GPUs: DeepSpeed's FusedAdam. CPU: torch's AdamW — DeepSpeed's CPU build of FusedAdam rounds the
-                # first update after a checkpoint load differently (1 ulp), which would break bit-exact resume.
-                "torch_adam": not torch.cuda.is_available(),
+                # torch's AdamW except for a GPU run with optimizer offload (DeepSpeed's CPUAdam then). GPUs: torch's
+                # fused kernel, no JIT build of DeepSpeed's FusedAdam (pip-only machines have no nvcc). CPU:
+                # DeepSpeed's FusedAdam rounds the first update after a checkpoint load differently (1 ulp), which
+                # would break bit-exact resume.
+                "torch_adam": not (gpu and z.offload_optimizer),
+                **({"fused": True} if gpu and not z.offload_optimizer else {}),
             },
         },
         "steps_per_print": 10**9,  # we log ourselves
@@ -259,7 +279,8 @@ class Trainer:
         )  # fmt: skip
         self.step = 0
         self.metrics_path = self.run_dir / "metrics.jsonl"
-        self.pending: list[tuple[int, torch.Tensor, float, float]] = []  # (step, loss, lr, seconds) awaiting a log
+        self.pending: list[tuple[int, torch.Tensor, float]] = []  # (step, loss, lr) awaiting a log
+        self.interval_start, self.paused = time.perf_counter(), 0.0  # throughput clock, see flush_metrics
         self.wandb = None
 
     # ---------------------------------------------------------------- checkpoints
@@ -369,21 +390,29 @@ class Trainer:
         return (total[0] / total[1]).item()
 
     # ---------------------------------------------------------------- logging
+    def sync_device(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def flush_metrics(self, extra: dict | None = None) -> dict | None:
         """Write every pending step's loss (one host sync for the whole interval) and return the last record."""
         if not self.pending:
             return None
         losses = torch.stack([p[1] for p in self.pending])
         dist.all_reduce(losses)
-        losses = (losses / self.world).tolist()
-        seconds = sum(p[3] for p in self.pending)
+        losses = (losses / self.world).tolist()  # waits for the device: the interval's steps are done
+        # wall time since the last flush, less evaluation and checkpointing: per-step host timers would only measure
+        # how fast the host queues GPU work (no per-step sync by design)
+        now = time.perf_counter()
+        seconds = now - self.interval_start - self.paused
+        self.interval_start, self.paused = now, 0.0
         tokens = len(self.pending) * self.conf.train.global_batch_size * self.seq_len
         tok_s = tokens / max(seconds, 1e-9)
         peak = device_peak_flops()
         rec = None
         if self.rank == 0:
             with open(self.metrics_path, "a") as f:
-                for (step, _, lr, _), loss in zip(self.pending, losses):
+                for (step, _, lr), loss in zip(self.pending, losses):
                     rec = {"step": step, "loss": loss, "lr": lr}
                     f.write(json.dumps(rec) + "\n")
             rec = {
@@ -436,14 +465,18 @@ class Trainer:
             bar = tqdm(total=t.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         batches = iter(self.stream)
         last = None
+        self.interval_start, self.paused = time.perf_counter(), 0.0
         while self.step < t.max_steps:
-            t0, lr = time.perf_counter(), self.scheduler.get_last_lr()[0]
+            lr = self.scheduler.get_last_lr()[0]
             loss = self.train_step(batches)
             self.step += 1
-            self.pending.append((self.step, loss, lr, time.perf_counter() - t0))
+            self.pending.append((self.step, loss, lr))
             extra = {}
             if self.step % t.eval_every == 0 or self.step == t.max_steps:
+                self.sync_device()  # the steps' queued GPU work counts as training time, not evaluation
+                t0 = time.perf_counter()
                 val = self.evaluate()
+                self.paused += time.perf_counter() - t0
                 extra = {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
             if self.step % t.log_every == 0 or extra or self.step % t.ckpt_every == 0 or self.step == t.max_steps:
                 rec = self.flush_metrics(extra)
@@ -461,7 +494,10 @@ class Trainer:
                             msg += f" | val loss {rec['val_loss']:.4f} (ppl {rec['val_ppl']:.1f})"
                         bar.write(msg)
             if self.step % t.ckpt_every == 0 or self.step == t.max_steps:
+                self.sync_device()
+                t0 = time.perf_counter()
                 self.save()
+                self.paused += time.perf_counter() - t0
             if bar is not None:
                 bar.update(1)
         if bar is not None:
@@ -471,9 +507,13 @@ class Trainer:
             ckpt.save_fp32(self.ckpt_dir, final_tag)
         summary = {"steps": self.step, "start_step": start_step, "resumed": resumed, "tokens_seen": self.tokens_seen,
                    "params": self.n_params, "last": last, "checkpoint": str(self.ckpt_dir / final_tag)}  # fmt: skip
-        if self.rank == 0 and t.sample_prompt:
-            summary["sample_prompt"], summary["sample"] = t.sample_prompt, self.sample(t.sample_prompt)
-            print(f"--- sample (greedy) ---\n{t.sample_prompt}{summary['sample']}\n-----------------------", flush=True)
+        if t.sample_prompt:
+            # every rank generates: under ZeRO-3 each forward gathers parameters from all ranks (rank 0 alone would
+            # wait forever); greedy decoding gives every rank the same text, rank 0 reports it
+            sample = self.sample(t.sample_prompt)
+            if self.rank == 0:
+                summary["sample_prompt"], summary["sample"] = t.sample_prompt, sample
+                print(f"--- sample (greedy) ---\n{t.sample_prompt}{sample}\n-----------------------", flush=True)
         if self.rank == 0:
             ckpt.write_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
             if self.wandb is not None:
