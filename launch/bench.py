@@ -48,20 +48,23 @@ class BenchError(ValueError):
 
 
 def interleaved(fns: dict[str, Callable[[], object]], rounds: int, warmup: int = 1, desc: str = "") -> dict:
-    """Seconds per call of each contender, called in turn A, B, C, A, B, C, ... `rounds` times after `warmup` turns.
+    """Seconds per call of each contender, called in turn `rounds` times after `warmup` turns, the order rotated every
+    round (A B C, B C A, C A B, ...).
 
     Alternating (not A x n then B x n) spreads slow drifts of a shared machine (another job starting, thermal limits)
-    over every contender; the medians then ignore the odd outlier."""
+    over every contender; rotating spreads the effect of whoever ran just before (caches, the allocator's free
+    lists: measured up to 15% on one contender here); the medians then ignore the odd outlier."""
     from tqdm import tqdm
 
     for _ in range(warmup):
         for fn in fns.values():
             fn()
+    names = list(fns)
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in tqdm(range(rounds), desc=desc, leave=False, disable=not sys.stderr.isatty()):
-        for name, fn in fns.items():
+    for r in tqdm(range(rounds), desc=desc, leave=False, disable=not sys.stderr.isatty()):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             t = time.perf_counter()
-            fn()
+            fns[name]()
             times[name].append(time.perf_counter() - t)
     return times
 
@@ -219,7 +222,7 @@ def bench_train(quick: bool, vocab: int) -> list[dict]:
             for key, model, loss_fn in (("ours", ours, ours_loss), ("transformers", hf, hf_loss),
                                         ("transformers_eager", hf_eager, hf_loss)):  # fmt: skip
                 fns[f"{key}_bf16"] = step(model, torch.optim.AdamW(model.parameters(), lr=1e-5), loss_fn, bf16=True)
-        times = interleaved(fns, rounds=3 if quick else 5, desc=f"train {size['name']}")
+        times = interleaved(fns, rounds=3 if quick else len(fns), desc=f"train {size['name']}")  # every order once
         tok = B * T
         row = {
             "size": size["name"],

@@ -248,9 +248,11 @@ def test_bench_interleaves_contenders_and_rejects_bad_options(tmp_path):
     finally:
         sys.path.remove(str(root / "launch"))
     calls: list[str] = []
-    times = bench.interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=3, warmup=1)
-    assert calls == ["a", "b"] * 4  # one warm-up turn, then strictly alternating
-    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    times = bench.interleaved(fns, rounds=3, warmup=1)
+    # one warm-up turn, then every contender once per round, the order rotated so nobody always follows the same one
+    assert "".join(calls) == "abc" + "abc" + "bca" + "cab"
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3, "c": 3}
     for args, word in [(["--only", "train,nope"], "unknown section 'nope'"), (["--threads", "0"], "--threads=0")]:
         r = subprocess.run(
             [sys.executable, str(root / "launch" / "bench.py"), *args, "--out", str(tmp_path / "b.json")],

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from phi_train.config import ConfigError, model_config
-from phi_train.model import Linear, PhiModel, _onednn_gemm
+from phi_train.model import Linear, PhiModel, _onednn_gemm, matmul_attention
 from phi_train.trainer import peak_flops_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,6 +95,34 @@ def test_cpu_matmul_onednn_and_blas_train_the_same_model():
 def test_bad_cpu_matmul_is_a_one_line_error():
     with pytest.raises(ConfigError, match="model.cpu_matmul='mkl' is not one of onednn, blas"):
         tiny(cpu_matmul="mkl")
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_matmul_attention_equals_sdpa_causal(dtype, tol):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 40, 64, dtype=dtype, requires_grad=True) for _ in range(3))
+    ours = matmul_attention(q, k, v, 0.0)
+    ours.sum().backward()
+    grads = [t.grad for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    ref.sum().backward()
+    torch.testing.assert_close(ours, ref, rtol=tol, atol=tol)
+    for a, t in zip(grads, (q, k, v)):
+        torch.testing.assert_close(a, t.grad, rtol=tol, atol=tol)
+
+
+def test_bf16_cpu_model_with_matmul_attention_tracks_fp32():
+    """The bf16 CPU path (autocast, T <= CPU_MATMUL_ATTENTION_MAX_T) computes the model's function."""
+    torch.manual_seed(0)
+    model = PhiModel(tiny()).eval()
+    x = torch.randint(0, 300, (2, 48))
+    with torch.no_grad():
+        fp32 = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = model(x).float()
+    assert (bf16 - fp32).abs().max() < 0.1 * fp32.abs().max()
 
 
 def test_rotary_from_a_slice_equals_rotary_from_positions_and_grows_past_max_seq_len():
