@@ -510,6 +510,64 @@ def engine_throughput(model_cfg, micro_batch: int, seq: int, steps: int, warmup:
         engine.destroy()  # the caller frees the memory once this frame (engine, model, batch) is gone
 
 
+def head_to_head(model_cfg, micro_batch: int, seq: int, rounds: int, device: str) -> dict:
+    """Training tokens/s of ours vs transformers' PhiForCausalLM with the same weights in the same loop on `device`:
+    bf16 autocast over fp32 weights, torch's AdamW (fused on CUDA), interleaved rounds, each step synchronised. The
+    peers are transformers' attention paths that load here: `sdpa` always, `flash_attention_2` when flash-attn is
+    installed on CUDA; the faster one is the ratio's denominator."""
+    import torch
+
+    from phi_train.model import PhiModel
+
+    torch.manual_seed(0)
+    ours = PhiModel(model_cfg).train()
+    x = torch.randint(0, ours.vocab_size, (micro_batch, seq + 1), device=device)
+    models = {"ours": ours}
+    peer_attn = {"transformers": "sdpa"}
+    if device.startswith("cuda") and _flash_attn_installed():
+        peer_attn["transformers_flash"] = "flash_attention_2"
+    skipped = {}
+    for name, attn in peer_attn.items():
+        try:
+            models[name] = hf_twin(ours, attn=attn).train()
+        except Exception as exc:  # an attention path this transformers/flash-attn pair cannot load: say so, go on
+            skipped[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    fused = device.startswith("cuda")
+    fns = {}
+    for name, model in models.items():
+        model.to(device)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fused)
+        if name == "ours":
+
+            def loss_fn(m=model):
+                return m(x[:, :-1], labels=x[:, 1:])
+        else:
+
+            def loss_fn(m=model):  # transformers shifts internally: T + 1 ids, the same T predictions as ours
+                return m(input_ids=x, labels=x).loss
+
+        def run(model=model, opt=opt, loss_fn=loss_fn):
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+                loss = loss_fn()
+            loss.backward()
+            opt.step()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+
+        fns[name] = run
+    times = interleaved(fns, rounds=rounds, warmup=2)
+    tps = {k: micro_batch * seq / median(v) for k, v in times.items()}
+    peer = max((k for k in tps if k != "ours"), key=lambda k: tps[k])
+    return {"tokens_per_s": tps, "peer": peer, "ratio": tps["ours"] / tps[peer], "skipped_peers": skipped}
+
+
+def _flash_attn_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("flash_attn") is not None
+
+
 def bench_gpu(quick: bool) -> list[dict]:
     """phi1 and phi1_small at seq 2048 through the trainer's DeepSpeed engine (ZeRO-2, bf16, fused AdamW), unfused and
     fused, a micro-batch sweep: tokens/s/GPU, MFU by PaLM's definition (model.flops_per_token), peak memory."""
@@ -535,6 +593,28 @@ def bench_gpu(quick: bool) -> list[dict]:
                 print(json.dumps(row), flush=True)
                 if row.get("oom"):
                     break  # larger micro-batches of this model will not fit either
+    return rows
+
+
+def bench_gpu_peer(quick: bool) -> list[dict]:
+    """Ours against transformers' PhiForCausalLM on the GPU (head_to_head): phi1_small at micro-batch 4 and phi1 at 2,
+    seq 2048, bf16 autocast."""
+    import torch
+
+    from phi_train.config import model_config
+
+    rows = []
+    for preset, mb in (("phi1_small", 4), ("phi1", 2)):
+        cfg = model_config(preset=preset, attn_dropout=0.0, resid_dropout=0.0)
+        row = {"model": preset, "micro_batch": mb, "seq": 2048}
+        try:
+            row |= head_to_head(cfg, mb, 2048, rounds=3 if quick else 6, device="cuda")
+        except torch.cuda.OutOfMemoryError:
+            row["oom"] = True  # two models and two optimizers must fit at once
+        gc.collect()
+        torch.cuda.empty_cache()
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     return rows
 
 
@@ -670,6 +750,17 @@ def gpu_markdown(res: dict) -> str:
             f"| {r['model']} | {block} | {r['micro_batch']} | {r['tokens_per_s']:,.0f} | {mfu} "
             f"| {r['peak_mem_gib']:.1f} GiB | {goal} |"
         )
+    rows += ["", "| model | micro-batch x 2048 | ours | transformers (fastest attention) | ratio | goal |",
+             "|---|---:|---:|---:|---:|---|"]  # fmt: skip
+    for r in res.get("gpu_peer", []):
+        if r.get("oom"):
+            rows.append(f"| {r['model']} | {r['micro_batch']} | out of memory (both models at once) | | | |")
+            continue
+        tps = r["tokens_per_s"]
+        rows.append(
+            f"| {r['model']} | {r['micro_batch']} | {tps['ours']:,.0f} tok/s | {tps[r['peer']]:,.0f} tok/s "
+            f"({r['peer']}) | {r['ratio']:.2f}x | ahead: {verdict(r['ratio'], 1.0)} |"
+        )
     return "\n".join(rows)
 
 
@@ -713,6 +804,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.gpu:
         try:
             res["gpu"] = bench_gpu(args.quick)
+            res["gpu_peer"] = bench_gpu_peer(args.quick)
         except BenchError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

@@ -184,3 +184,28 @@ def test_gpu_benchmark_engine_path_runs_on_cpu(tmp_path):
     for row in rows:
         assert row["precision"] == "fp32" and row["mfu"] is None and row["peak_mem_gib"] is None
         assert 0 < row["loss"] < 20 and row["tokens_per_s"] > 0
+
+
+def _bench_module():
+    sys.path.insert(0, str(ROOT / "launch"))
+    try:
+        import bench
+    finally:
+        sys.path.remove(str(ROOT / "launch"))
+    return bench
+
+
+def test_gpu_head_to_head_runs_on_cpu_and_reports_markdown():
+    """`bench.py --gpu`'s ours-vs-transformers loop, run on CPU (bf16 autocast) with a tiny model: both sides train,
+    the peer is transformers, and the Markdown rows carry the verdict."""
+    bench = _bench_module()
+    row = bench.head_to_head(tiny(), micro_batch=2, seq=32, rounds=2, device="cpu")
+    assert set(row["tokens_per_s"]) == {"ours", "transformers"} and row["peer"] == "transformers"
+    assert row["skipped_peers"] == {} and row["ratio"] > 0
+    res = {
+        "machine": {"cuda": "NVIDIA H100 80GB HBM3"},
+        "gpu": [],
+        "gpu_peer": [{"model": "phi1", "micro_batch": 2, **row}],
+    }
+    md = bench.gpu_markdown(res)
+    assert "GPU: NVIDIA H100 80GB HBM3" in md and f"| {row['ratio']:.2f}x | ahead: " in md
