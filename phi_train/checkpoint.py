@@ -67,6 +67,20 @@ def commit(ckpt_dir: str | Path, tag: str, meta: dict, keep_last: int) -> None:
             shutil.rmtree(ckpt_dir / old, ignore_errors=True)
 
 
+def make_meta(model_cfg: ModelConfig, vocab_size: int, *, step: int, world_size: int, tokenizer: dict, **extra) -> dict:
+    """meta.json of a checkpoint: what inference, export, init_from and resume read back (one shape for both
+    writers, the trainer and save_inference)."""
+    return {
+        "format": 1,
+        "step": step,
+        "world_size": world_size,
+        "model": asdict(model_cfg),
+        "vocab_size": vocab_size,
+        "tokenizer": tokenizer,
+        **extra,
+    }
+
+
 def read_meta(ckpt_dir: str | Path, tag: str) -> dict:
     return json.loads((Path(ckpt_dir) / tag / META).read_text())
 
@@ -75,7 +89,7 @@ def check_compatible(meta: dict, model_cfg: ModelConfig, vocab_size: int, world_
     """Fail with one line before DeepSpeed fails with forty: the checkpoint must fit this run's model and world."""
     saved = meta["model"]
     ours = asdict(model_cfg)
-    shape_keys = ("n_layer", "d_model", "n_head", "d_mlp", "rotary_dim")
+    shape_keys = ("n_layer", "d_model", "n_head", "d_mlp", "rotary_dim", "fused_block")
     diffs = [
         f"model.{k}={saved[k]} (checkpoint) vs {ours[k]} (this run)" for k in shape_keys if saved.get(k) != ours[k]
     ]
@@ -150,13 +164,7 @@ def save_inference(ckpt_dir: str | Path, model: torch.nn.Module, tokenizer_path:
     ckpt_dir, tag = Path(ckpt_dir), tag_for(step)
     (ckpt_dir / tag).mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().float().contiguous() for k, v in model.state_dict().items()}, str(ckpt_dir / tag / FP32))
-    meta = {
-        "format": 1,
-        "step": step,
-        "model": asdict(model.cfg),
-        "vocab_size": model.vocab_size,
-        "world_size": 1,
-        "tokenizer": {"path": str(Path(tokenizer_path).resolve())},
-    }
+    tokenizer = {"path": str(Path(tokenizer_path).resolve())}
+    meta = make_meta(model.cfg, model.vocab_size, step=step, world_size=1, tokenizer=tokenizer)
     commit(ckpt_dir, tag, meta, keep_last=1)
     return ckpt_dir

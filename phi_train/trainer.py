@@ -15,7 +15,6 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -251,7 +250,11 @@ class Trainer:
         self.n_params = model.num_params()
         self.flops_per_token = model.flops_per_token(self.seq_len)
         if conf.train.init_from:  # fine-tuning starts from pretrained weights (fresh optimizer and schedule)
-            _, state, _ = ckpt.load_model_state(conf.train.init_from)
+            src, state, _ = ckpt.load_model_state(conf.train.init_from)
+            if src.fused_block != conf.model.fused_block:  # same function, other layout: convert exactly
+                from phi_train.interop import fuse_state_dict, unfuse_state_dict
+
+                state = fuse_state_dict(state, src) if conf.model.fused_block else unfuse_state_dict(state, src)
             try:
                 model.load_state_dict(state)
             except RuntimeError as exc:
@@ -297,16 +300,11 @@ class Trainer:
         fault(f"save:{self.step}")
         if self.rank == 0:
             shutil.copy(self.tokenizer.path, self.ckpt_dir / tag / "tokenizer.model")
-            meta = {
-                "format": 1,
-                "step": self.step,
-                "tokens_seen": self.tokens_seen,
-                "world_size": self.world,
-                "model": asdict(self.conf.model),
-                "vocab_size": self.vocab_size,
-                "tokenizer": {"path": "tokenizer.model", "sha256": self.tokenizer.sha256},
-                "config": self.resolved,
-            }
+            meta = ckpt.make_meta(
+                self.conf.model, self.vocab_size, step=self.step, world_size=self.world,
+                tokenizer={"path": "tokenizer.model", "sha256": self.tokenizer.sha256},
+                tokens_seen=self.tokens_seen, config=self.resolved,
+            )  # fmt: skip
             ckpt.commit(self.ckpt_dir, tag, meta, self.conf.train.keep_last)
         dist.barrier()
 

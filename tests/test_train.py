@@ -122,15 +122,23 @@ def test_sigkill_in_save_and_mid_step_resume_bit_identical(reference, demo_shard
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
 
 
-def test_incompatible_resume_fails_in_one_line(reference, demo_shards, tmp_path):
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.d_mlp=256", "model.d_mlp=512 (checkpoint) vs 256 (this run)"),
+        # resuming needs the saved layout (init_from converts; a resume restores optimizer state too)
+        ("model.fused_block=true", "model.fused_block=False (checkpoint) vs True (this run)"),
+    ],
+)
+def test_incompatible_resume_fails_in_one_line(reference, demo_shards, tmp_path, override, message):
     import shutil
 
     run_dir = tmp_path / "run"
     shutil.copytree(reference / "checkpoints", run_dir / "checkpoints")
-    proc = launch(demo_shards, run_dir, "model.d_mlp=256", "train.max_steps=10")
+    proc = launch(demo_shards, run_dir, override, "train.max_steps=10")
     assert proc.returncode != 0
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert lines and "model.d_mlp=512 (checkpoint) vs 256 (this run)" in lines[0], proc.stderr[-2000:]
+    assert lines and message in lines[0], proc.stderr[-2000:]
 
 
 BAD = [
@@ -265,13 +273,17 @@ def test_exercise_shards_mask_exactly_the_completions(exercise_shards, demo_shar
     assert seen_targets == train["target_tokens"]
 
 
-def test_finetune_from_pretrain_checkpoint_completion_only_loss(reference, exercise_shards, tmp_path):
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused-from-unfused"])
+def test_finetune_from_pretrain_checkpoint_completion_only_loss(reference, exercise_shards, tmp_path, fused):
+    """Also across block layouts: a fused fine-tune from the unfused pretrain checkpoint converts the weights (the
+    same function), so its first loss is the same number."""
     shards, _, manifest = exercise_shards
     run_dir = tmp_path / "ft"
     proc = launch(
         SimpleNamespace(path=str(shards)), run_dir, "train=finetune", "train.max_steps=4", "train.warmup_steps=1",
         "train.lr=1e-3", "train.global_batch_size=8", "train.micro_batch_size=2", "train.ckpt_every=2",
         f"train.init_from={reference / 'checkpoints'}", "model.resid_dropout=0.0",  # eval-equal forward at step 1
+        f"model.fused_block={str(fused).lower()}",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     first = losses(run_dir)[1]
