@@ -16,8 +16,10 @@ Chat template (plain text, what a base model continues naturally): each message 
 with Role one of System, User, Assistant, then "Assistant:" is appended; "\\nUser:" and "\\nSystem:" are added to the
 stop strings so the model does not write the next turn itself.
 
-`stream: true` is accepted: the reply is sent as server-sent events, but in one content chunk once generation is done
-(generate() has no per-token callback), followed by a final chunk with finish_reason and `data: [DONE]`.
+`stream: true` sends server-sent events as the tokens are generated (generate()'s `on_text`): content chunks whose
+concatenation is exactly the non-streamed text (text that could still turn into a stop string, or an unfinished
+UTF-8 character, waits for the next token), then one chunk per choice with finish_reason (the last carries usage),
+then `data: [DONE]`. A request that fails after the headers went out gets an `{"error": ...}` event instead.
 Usage: prompt_tokens counts the prompt's tokens as the model saw them (its last tokens, when it exceeds the context
 budget); completion_tokens counts the tokens of the returned text (after stop strings are cut).
 """
@@ -31,6 +33,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -102,6 +105,8 @@ def parse_sampling(body: dict, default_max_tokens: int, extra_stop: tuple[str, .
 class Job:
     prompt: str
     sampling: Sampling
+    sink: Callable[[str | None], None] | None = None
+    """Streaming: called with each text delta, then with None once the job is done (text or error set)."""
     done: threading.Event = field(default_factory=threading.Event)
     text: str | None = None
     error: str | None = None
@@ -118,8 +123,8 @@ class Batcher:
         self.counters = {"requests": 0, "batches": 0, "generate_calls": 0, "largest_batch": 0, "errors": 0}
         threading.Thread(target=self._loop, daemon=True, name="batcher").start()
 
-    def submit(self, prompt: str, sampling: Sampling) -> Job:
-        job = Job(prompt, sampling)
+    def submit(self, prompt: str, sampling: Sampling, sink: Callable[[str | None], None] | None = None) -> Job:
+        job = Job(prompt, sampling, sink)
         with self.lock:
             self.counters["requests"] += 1
         self.queue.put(job)
@@ -159,6 +164,7 @@ class Batcher:
                         stop=s.stop,
                         seed=s.seed,
                         batch_size=self.max_batch,
+                        on_text=self._stream_to(group) if any(j.sink for j in group) else None,
                     )
                     for j, t in zip(group, texts, strict=True):
                         j.text = t
@@ -171,6 +177,16 @@ class Batcher:
                     self.counters["generate_calls"] += 1
                 for j in group:
                     j.done.set()
+                    if j.sink is not None:
+                        j.sink(None)
+
+    @staticmethod
+    def _stream_to(group: list[Job]):
+        def on_text(index: int, delta: str) -> None:
+            if group[index].sink is not None:
+                group[index].sink(delta)
+
+        return on_text
 
 
 class Server:
@@ -219,6 +235,69 @@ class Server:
         choice = {"index": 0, "message": {"role": "assistant", "content": text.strip()}, "finish_reason": finish}
         return self._envelope("chat.completion", "chatcmpl", [choice], usage), s
 
+    def stream(self, path_kind: str, body: dict) -> Iterator[dict]:
+        """Validate and submit now (a bad request fails before any header is sent); the returned iterator yields the
+        OpenAI chunk objects as the batcher produces text."""
+        chat = path_kind == "chat"
+        if chat:
+            prompts = [render_chat(body.get("messages"))]
+            s = parse_sampling(body, default_max_tokens=self.max_seq_len // 2, extra_stop=CHAT_STOP)
+        else:
+            prompt = body.get("prompt", "")
+            prompts = [prompt] if isinstance(prompt, str) else prompt
+            if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+                raise RequestError("'prompt' must be a string or a non-empty list of strings")
+            s = parse_sampling(body, default_max_tokens=16)
+        events: queue.Queue[tuple[int, str | None]] = queue.Queue()
+        jobs = [self.batcher.submit(p, s, sink=lambda d, i=i: events.put((i, d))) for i, p in enumerate(prompts)]
+        return self._chunks(prompts, jobs, events, s, chat)
+
+    def _chunks(self, prompts, jobs, events, s: Sampling, chat: bool) -> Iterator[dict]:
+        base = {
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": self.name,
+        }
+
+        def chunk(index: int, text: str | None, finish: str | None = None, first: bool = False) -> dict:
+            if chat:
+                delta = ({"role": "assistant"} if first else {}) | ({"content": text} if text is not None else {})
+                return base | {"choices": [{"index": index, "delta": delta, "finish_reason": finish}]}
+            return base | {"choices": [{"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}]}
+
+        if chat:
+            yield chunk(0, "", first=True)
+        raw = [""] * len(jobs)  # what generate streamed so far, per choice
+        sent = [""] * len(jobs)  # what went out (chat: stripped, as the non-streamed content is)
+        open_jobs = set(range(len(jobs)))
+        while open_jobs:
+            i, delta = events.get()
+            if delta is None:
+                open_jobs.discard(i)
+                continue
+            raw[i] += delta
+            # chat content is text.strip(): leading whitespace never goes out, trailing waits for what follows
+            visible = raw[i].strip() if chat else raw[i]
+            if len(visible) > len(sent[i]) and visible.startswith(sent[i]):
+                yield chunk(i, visible[len(sent[i]) :])
+                sent[i] = visible
+        usage_total = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+        for i, (p, j) in enumerate(zip(prompts, jobs, strict=True)):
+            if j.error is not None:
+                yield {"error": {"message": j.error, "type": "server_error", "code": 500}}
+                return
+            text = (j.text or "").strip() if chat else (j.text or "")
+            if text != sent[i] and text.startswith(sent[i]):
+                yield chunk(i, text[len(sent[i]) :])
+            usage = self.usage(p, j.text or "", s.max_tokens)
+            usage_total = {k: usage_total[k] + usage[k] for k in usage_total}
+            finish = "length" if usage["completion_tokens"] >= s.max_tokens else "stop"
+            last = chunk(i, None if chat else "", finish)
+            if i == len(jobs) - 1:
+                last["usage"] = usage_total
+            yield last
+
     def _envelope(self, obj: str, prefix: str, choices: list, usage: dict) -> dict:
         return {
             "id": f"{prefix}-{uuid.uuid4().hex[:24]}",
@@ -238,26 +317,6 @@ class Server:
             "object": "list",
             "data": [{"id": self.name, "object": "model", "created": self.created, "owned_by": "phi-train"}],
         }
-
-
-def stream_events(reply: dict) -> list[dict]:
-    """The reply as OpenAI streaming chunks: one with the content, one with finish_reason (then [DONE])."""
-    chat = reply["object"] == "chat.completion"
-    obj = "chat.completion.chunk" if chat else "text_completion"
-    events = []
-    for c in reply["choices"]:
-        if chat:
-            first = {"index": c["index"], "delta": {"role": "assistant", "content": c["message"]["content"]}}
-            last = {"index": c["index"], "delta": {}, "finish_reason": c["finish_reason"]}
-            first["finish_reason"] = None
-        else:
-            first = {"index": c["index"], "text": c["text"], "logprobs": None, "finish_reason": None}
-            last = {"index": c["index"], "text": "", "logprobs": None, "finish_reason": c["finish_reason"]}
-        events += [first, last]
-    base = {k: reply[k] for k in ("id", "created", "model")} | {"object": obj}
-    out = [base | {"choices": [e]} for e in events]
-    out[-1]["usage"] = reply["usage"]
-    return out
 
 
 def make_handler(server: Server):
@@ -304,7 +363,10 @@ def make_handler(server: Server):
                 body = json.loads(raw or b"{}")
                 if not isinstance(body, dict):
                     raise RequestError("the request body must be a JSON object")
-                reply, _ = routes[path](body)
+                if body.get("stream"):
+                    chunks = server.stream("chat" if "chat" in path else "completions", body)
+                else:
+                    reply, _ = routes[path](body)
             except json.JSONDecodeError as exc:
                 self.error(400, f"the request body is not JSON: {exc}")
                 return
@@ -312,20 +374,24 @@ def make_handler(server: Server):
                 self.error(400, str(exc))
                 return
             if body.get("stream"):
-                self.send_stream(reply)
+                self.send_stream(chunks)
             else:
                 self.send_json(200, reply)
 
-        def send_stream(self, reply: dict) -> None:
+        def send_stream(self, chunks: Iterator[dict]) -> None:
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Cache-Control", "no-cache")
             self.send_header("Connection", "close")
             self.end_headers()
-            for event in stream_events(reply):
-                self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
-            self.wfile.write(b"data: [DONE]\n\n")
-            self.wfile.flush()
+            try:
+                for event in chunks:  # each chunk goes out as soon as the batcher has it
+                    self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
+                    self.wfile.flush()
+                self.wfile.write(b"data: [DONE]\n\n")
+                self.wfile.flush()
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client went away; its jobs finish in the batcher and are dropped
             self.close_connection = True
 
     return Handler

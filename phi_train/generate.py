@@ -131,12 +131,14 @@ def generate_ids(
     seed: int = 0,
     batch_size: int = 16,
     should_stop=None,
+    on_token=None,
     progress: bool = False,
 ) -> list[list[int]]:
     """New token ids for every prompt (ids in), in the caller's order; EOS is not included.
 
     `vocab_size`: the tokenizer's size; logits of the padding rows of the embedding (vocab padded to 64) are masked.
     `should_stop(new_ids) -> bool`: a text-level stop test, called after each new token of a row.
+    `on_token(index, new_ids)`: called after each new token of prompt `index` (for streaming), before should_stop.
     Prompts longer than `prompt_budget(...)` keep their last tokens; no row grows past the model's max_seq_len.
     """
     cfg: ModelConfig = model.cfg
@@ -170,6 +172,7 @@ def generate_ids(
                 vocab_size,
                 seed,
                 should_stop,
+                on_token,
                 device,
             )
             for i, ids in zip(rows, results):
@@ -201,6 +204,7 @@ def _generate_batch(
     vocab_size: int | None,
     seed: int,
     should_stop,
+    on_token,
     device: torch.device,
 ) -> list[list[int]]:
     """New ids of one left-padded batch; `indices` are the prompts' positions in the caller's list (sampling seeds)."""
@@ -233,6 +237,8 @@ def _generate_batch(
             if token == eos_id:
                 continue
             seq.append(token)
+            if on_token is not None:
+                on_token(indices[alive[row]], seq)
             if len(seq) >= limit[alive[row]] or (should_stop is not None and should_stop(seq)):
                 continue
             keep.append(row)
@@ -275,6 +281,43 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     return text[:cut]
 
 
+def _stop_prefix_len(text: str, stop: Sequence[str]) -> int:
+    """Length of the longest end of `text` that begins some stop string (and might still become one)."""
+    best = 0
+    for s in stop:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best
+
+
+class _TextStream:
+    """One prompt's completion as text deltas while it is generated: only text that the final completion will
+    begin with goes out, so the deltas concatenate to exactly what generate() returns. Held back until the next
+    token decides: an unfinished UTF-8 character (byte-fallback pieces decode to U+FFFD until complete) and an end
+    that could be the start of a stop string."""
+
+    def __init__(self, tokenizer: TextTokenizer, prompt_ids: list[int], stop: Sequence[str]):
+        self.tokenizer, self.prompt_ids, self.stop = tokenizer, prompt_ids, [s for s in stop if s]
+        self.head = tokenizer.decode(prompt_ids)
+        self.sent = ""
+
+    def update(self, new_ids: list[int]) -> str:
+        full = self.tokenizer.decode(self.prompt_ids + new_ids)
+        if not full.startswith(self.head):  # the prompt's own end re-decoded differently: wait for the final text
+            return ""
+        text = cut_at_stop(full[len(self.head) :], self.stop).rstrip("\ufffd")
+        text = text[: len(text) - _stop_prefix_len(text, self.stop)]
+        if len(text) <= len(self.sent) or not text.startswith(self.sent):
+            return ""
+        delta, self.sent = text[len(self.sent) :], text
+        return delta
+
+    def finish(self, final: str) -> str:
+        return final[len(self.sent) :] if final.startswith(self.sent) else ""
+
+
 def generate(
     model: PhiModel,
     tokenizer: TextTokenizer,
@@ -286,16 +329,26 @@ def generate(
     stop: Sequence[str] = (),
     seed: int = 0,
     batch_size: int = 16,
+    on_text=None,
     progress: bool = False,
 ) -> list[str]:
     """Completions only (prompt not repeated), each cut before its first stop string, in the order of `prompts`.
 
     An empty prompt starts from EOS, the separator the model saw in front of every training document.
+    `on_text(index, delta)` streams: called with each new piece of prompt `index`'s completion as tokens arrive; the
+    pieces of a prompt concatenate to exactly its returned completion.
     """
     if isinstance(prompts, str):
         raise GenerateError("prompts must be a list of strings, got a single string (wrap it: [prompt])")
     encoded = [tokenizer.encode(p) or [tokenizer.eos_id] for p in prompts]
     watch = _StopWatch(tokenizer, stop)
+    keep = prompt_budget(model.cfg.max_seq_len, max_new_tokens)
+    streams = [_TextStream(tokenizer, p[-keep:], stop) for p in encoded] if on_text is not None else None
+
+    def on_token(index: int, new_ids: list[int]) -> None:
+        if delta := streams[index].update(new_ids):
+            on_text(index, delta)
+
     new = generate_ids(
         model,
         encoded,
@@ -307,10 +360,14 @@ def generate(
         seed=seed,
         batch_size=batch_size,
         should_stop=watch.hit if watch.stop else None,
+        on_token=on_token if streams is not None else None,
         progress=progress,
     )
-    keep = prompt_budget(model.cfg.max_seq_len, max_new_tokens)
-    return [cut_at_stop(_completion_text(tokenizer, p[-keep:], n), stop) for p, n in zip(encoded, new)]
+    texts = [cut_at_stop(_completion_text(tokenizer, p[-keep:], n), stop) for p, n in zip(encoded, new)]
+    for i, text in enumerate(texts if streams is not None else ()):
+        if delta := streams[i].finish(text):
+            on_text(i, delta)
+    return texts
 
 
 def build_model(

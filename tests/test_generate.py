@@ -153,6 +153,33 @@ def test_text_generation_cuts_at_stop_strings_and_stops_early(tokenizer):
     ]
 
 
+def test_streamed_pieces_concatenate_to_the_returned_text(tokenizer):
+    model = tiny_model(seed=3, vocab=tokenizer.vocab_size)
+    prompts = ["def add(a, b):\n", "class Point:\n    def", "x", "for i in"]
+    free = generate(model, tokenizer, prompts, max_new_tokens=40)
+    stop = free[0][len(free[0]) // 2 : len(free[0]) // 2 + 2]  # a stop that does occur, mid-way through prompt 0
+    for stops in ([], [stop, "@@never@@"]):
+        pieces: dict[int, list[str]] = {i: [] for i in range(len(prompts))}
+        texts = generate(
+            model, tokenizer, prompts, max_new_tokens=40, stop=stops, batch_size=3,
+            on_text=lambda i, delta, pieces=pieces: pieces[i].append(delta),
+        )  # fmt: skip
+        assert texts == generate(model, tokenizer, prompts, max_new_tokens=40, stop=stops, batch_size=3)
+        for i, text in enumerate(texts):
+            assert "".join(pieces[i]) == text
+            assert all(pieces[i])  # no empty pieces; nothing sent is ever taken back (the join equals the cut text)
+        assert max(len(p) for p in pieces.values()) > 3  # pieces arrive while decoding, not once at the end
+
+
+def test_stop_prefix_is_held_back():
+    from phi_train.generate import _stop_prefix_len
+
+    assert _stop_prefix_len("abc\nde", ["\ndef"]) == 3
+    assert _stop_prefix_len("abc\n", ["\ndef", "\n#"]) == 1
+    assert _stop_prefix_len("abc", ["\ndef"]) == 0
+    assert _stop_prefix_len("x\nde", ["\nde"]) == 0  # a whole stop is cut, not held back
+
+
 def test_empty_prompt_starts_from_eos_and_bad_arguments_are_one_line_errors(tokenizer):
     model = tiny_model(seed=3, vocab=tokenizer.vocab_size)
     assert isinstance(generate(model, tokenizer, [""], max_new_tokens=5)[0], str)

@@ -1,8 +1,8 @@
 """launch/serve.py on a real (random, tiny) checkpoint, over real HTTP on 127.0.0.1, with the official openai client.
 
 Checks: completions and chat completions with usage, /v1/models and /health, greedy output equal to in-process
-`generate()`, concurrent requests batched (fewer batches than requests), SSE streaming, one-line errors for bad
-requests and for a bad checkpoint.
+`generate()`, concurrent requests batched (fewer batches than requests), SSE streaming token by token (pieces add up
+to the non-streamed text), one-line errors for bad requests and for a bad checkpoint.
 """
 
 from __future__ import annotations
@@ -165,7 +165,25 @@ def test_streaming_and_bad_requests(served):
     )
     chunks = list(stream)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == full.choices[0].message.content
+    assert chunks[0].choices[0].delta.role == "assistant"
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+
+    # completions, two prompts at once: per-choice pieces arrive token by token and add up to the non-streamed text
+    prompts = ["def add(a, b):\n", "import heapq\n\n"]
+    plain = client.completions.create(model="phi-train", prompt=prompts, max_tokens=24, temperature=0)
+    pieces: dict[int, list[str]] = {0: [], 1: []}
+    finish: dict[int, str] = {}
+    for c in client.completions.create(model="phi-train", prompt=prompts, max_tokens=24, temperature=0, stream=True):
+        for ch in c.choices:
+            if ch.text:
+                pieces[ch.index].append(ch.text)
+            if ch.finish_reason:
+                finish[ch.index] = ch.finish_reason
+    for choice in plain.choices:
+        assert "".join(pieces[choice.index]) == choice.text
+        assert finish[choice.index] == choice.finish_reason
+    assert max(len(p) for p in pieces.values()) > 3  # streamed while generating, not one chunk at the end
 
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.completions.create(model="phi-train", prompt="x", temperature=5)
