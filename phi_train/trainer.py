@@ -337,6 +337,8 @@ class Trainer:
         pairs) label prompt and padding positions -100, so only completion tokens carry loss — unless
         `train.loss_on_prompt` asks for the whole sequence."""
         tokens, mask = batch if isinstance(batch, tuple) else (batch, None)
+        if self.device.type == "cuda":  # a copy from pageable memory first waits for the GPU's queue to drain
+            tokens, mask = tokens.pin_memory(), (mask.pin_memory() if mask is not None else None)
         tokens = tokens.to(self.device, non_blocking=True)
         inputs, labels = tokens[:, : self.seq_len], tokens[:, 1 : self.seq_len + 1]
         if mask is not None and not self.conf.train.loss_on_prompt:
