@@ -222,7 +222,7 @@ def bench_train(quick: bool, vocab: int) -> list[dict]:
             for key, model, loss_fn in (("ours", ours, ours_loss), ("transformers", hf, hf_loss),
                                         ("transformers_eager", hf_eager, hf_loss)):  # fmt: skip
                 fns[f"{key}_bf16"] = step(model, torch.optim.AdamW(model.parameters(), lr=1e-5), loss_fn, bf16=True)
-        times = interleaved(fns, rounds=3 if quick else len(fns), desc=f"train {size['name']}")  # every order once
+        times = interleaved(fns, rounds=3 if quick else len(fns), desc=f"train {size['name']}")  # each rotation once
         tok = B * T
         row = {
             "size": size["name"],
@@ -576,6 +576,8 @@ def head_to_head(model_cfg, micro_batch: int, seq: int, rounds: int, device: str
                 torch.cuda.synchronize()
 
         fns[name] = run
+    if len(fns) == 1:
+        return {"error": f"no transformers attention path loaded: {skipped}", "skipped_peers": skipped}
     times = interleaved(fns, rounds=rounds, warmup=2)
     tps = {k: micro_batch * seq / median(v) for k, v in times.items()}
     peer = max((k for k in tps if k != "ours"), key=lambda k: tps[k])
@@ -626,9 +628,13 @@ def gpu_profile_if_short(rows: list[dict], goal: float = 0.55) -> dict | None:
     if best is None or best["mfu"] >= goal:
         return None
     cfg = model_config(preset="phi1", fused_block=best["fused"], attn_dropout=0.0, resid_dropout=0.0)
-    res = engine_throughput(cfg, best["micro_batch"], best["seq"], steps=3, profile=True)
-    gc.collect()
-    torch.cuda.empty_cache()
+    try:
+        res = engine_throughput(cfg, best["micro_batch"], best["seq"], steps=3, profile=True)
+    except torch.cuda.OutOfMemoryError:  # the profiler's own buffers on top of a configuration that just fit
+        return {"model": "phi1", "error": "out of memory while profiling"}
+    finally:
+        gc.collect()
+        torch.cuda.empty_cache()
     return {"model": "phi1", "fused": best["fused"], "micro_batch": best["micro_batch"], "mfu": best["mfu"],
             "table": res["profile_table"]}  # fmt: skip
 
@@ -788,15 +794,16 @@ def gpu_markdown(res: dict) -> str:
             f"| {r['peak_mem_gib']:.1f} GiB | {goal} |"
         )
     prof = res.get("gpu_profile")
-    if prof:
+    if prof and "table" in prof:
         block = "fused" if prof["fused"] else "unfused"
         rows += ["", f"phi1 is short of 55% MFU ({100 * prof['mfu']:.1f}%, {block}, micro-batch {prof['micro_batch']}):"
                  " where 3 steps spend their GPU time", "", "```", prof["table"].rstrip(), "```"]  # fmt: skip
     rows += ["", "| model | micro-batch x 2048 | ours | transformers (fastest attention) | ratio | goal |",
              "|---|---:|---:|---:|---:|---|"]  # fmt: skip
     for r in res.get("gpu_peer", []):
-        if r.get("oom"):
-            rows.append(f"| {r['model']} | {r['micro_batch']} | out of memory (both models at once) | | | |")
+        if r.get("oom") or r.get("error"):
+            why = "out of memory (both models at once)" if r.get("oom") else r["error"]
+            rows.append(f"| {r['model']} | {r['micro_batch']} | {why} | | | |")
             continue
         tps = r["tokens_per_s"]
         rows.append(
@@ -845,8 +852,11 @@ def main(argv: list[str] | None = None) -> int:
     res: dict = {"machine": machine(), "threads": threads, "quick": args.quick, "command": " ".join(sys.argv)}
     if args.gpu:
         try:
+            # the JSON is rewritten after each stage: a crash in a later one keeps what was measured
             res["gpu"] = bench_gpu(args.quick)
+            out_path.write_text(json.dumps(res, indent=1) + "\n")
             res["gpu_profile"] = gpu_profile_if_short(res["gpu"])
+            out_path.write_text(json.dumps(res, indent=1) + "\n")
             res["gpu_peer"] = bench_gpu_peer(args.quick)
         except BenchError as exc:
             print(f"error: {exc}", file=sys.stderr)

@@ -18,8 +18,10 @@ stop strings so the model does not write the next turn itself.
 
 `stream: true` sends server-sent events as the tokens are generated (generate()'s `on_text`): content chunks whose
 concatenation is exactly the non-streamed text (text that could still turn into a stop string, or an unfinished
-UTF-8 character, waits for the next token), then one chunk per choice with finish_reason (the last carries usage),
-then `data: [DONE]`. A request that fails after the headers went out gets an `{"error": ...}` event instead.
+UTF-8 character, waits for the next token), then one chunk per choice with finish_reason,
+then, with `stream_options: {"include_usage": true}`, a chunk with no choices and the usage, then `data: [DONE]`. A
+request that fails after the headers went out gets an `{"error": ...}` event instead; a client that hangs up mid-stream
+has its generation stopped at the next token.
 Usage: prompt_tokens counts the prompt's tokens as the model saw them (its last tokens, when it exceeds the context
 budget); completion_tokens counts the tokens of the returned text (after stop strings are cut).
 """
@@ -108,6 +110,8 @@ class Job:
     sink: Callable[[str | None], None] | None = None
     """Streaming: called with each text delta, then with None once the job is done (text or error set)."""
     done: threading.Event = field(default_factory=threading.Event)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    """Set when a streaming client hung up: generation of this job stops at its next token."""
     text: str | None = None
     error: str | None = None
 
@@ -165,6 +169,7 @@ class Batcher:
                         seed=s.seed,
                         batch_size=self.max_batch,
                         on_text=self._stream_to(group) if any(j.sink for j in group) else None,
+                        cancelled=lambda i, group=group: group[i].cancelled.is_set(),
                     )
                     for j, t in zip(group, texts, strict=True):
                         j.text = t
@@ -249,10 +254,18 @@ class Server:
                 raise RequestError("'prompt' must be a string or a non-empty list of strings")
             s = parse_sampling(body, default_max_tokens=16)
         events: queue.Queue[tuple[int, str | None]] = queue.Queue()
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         jobs = [self.batcher.submit(p, s, sink=lambda d, i=i: events.put((i, d))) for i, p in enumerate(prompts)]
-        return self._chunks(prompts, jobs, events, s, chat)
+        return self._chunks(prompts, jobs, events, s, chat, include_usage)
 
-    def _chunks(self, prompts, jobs, events, s: Sampling, chat: bool) -> Iterator[dict]:
+    def _chunks(self, prompts, jobs, events, s: Sampling, chat: bool, include_usage: bool) -> Iterator[dict]:
+        try:
+            yield from self._chunks_of(prompts, jobs, events, s, chat, include_usage)
+        finally:  # closed early (the client hung up): stop generating for it
+            for j in jobs:
+                j.cancelled.set()
+
+    def _chunks_of(self, prompts, jobs, events, s: Sampling, chat: bool, include_usage: bool) -> Iterator[dict]:
         base = {
             "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
             "object": "chat.completion.chunk" if chat else "text_completion",
@@ -293,10 +306,9 @@ class Server:
             usage = self.usage(p, j.text or "", s.max_tokens)
             usage_total = {k: usage_total[k] + usage[k] for k in usage_total}
             finish = "length" if usage["completion_tokens"] >= s.max_tokens else "stop"
-            last = chunk(i, None if chat else "", finish)
-            if i == len(jobs) - 1:
-                last["usage"] = usage_total
-            yield last
+            yield chunk(i, None if chat else "", finish)
+        if include_usage:  # OpenAI's stream_options.include_usage: one more chunk, no choices, the request's usage
+            yield base | {"choices": [], "usage": usage_total}
 
     def _envelope(self, obj: str, prefix: str, choices: list, usage: dict) -> dict:
         return {
@@ -391,7 +403,7 @@ def make_handler(server: Server):
                 self.wfile.write(b"data: [DONE]\n\n")
                 self.wfile.flush()
             except (BrokenPipeError, ConnectionResetError):
-                pass  # the client went away; its jobs finish in the batcher and are dropped
+                chunks.close()  # the client went away: its jobs stop at their next token
             self.close_connection = True
 
     return Handler

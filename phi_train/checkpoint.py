@@ -90,8 +90,11 @@ def check_compatible(meta: dict, model_cfg: ModelConfig, vocab_size: int, world_
     saved = meta["model"]
     ours = asdict(model_cfg)
     shape_keys = ("n_layer", "d_model", "n_head", "d_mlp", "rotary_dim", "fused_block")
+    defaults = asdict(ModelConfig(n_layer=1, d_model=64, n_head=1, d_mlp=1))  # keys older checkpoints lack
     diffs = [
-        f"model.{k}={saved[k]} (checkpoint) vs {ours[k]} (this run)" for k in shape_keys if saved.get(k) != ours[k]
+        f"model.{k}={saved.get(k, defaults[k])} (checkpoint) vs {ours[k]} (this run)"
+        for k in shape_keys
+        if saved.get(k, defaults[k]) != ours[k]
     ]
     if meta["vocab_size"] != vocab_size:
         diffs.append(f"vocab_size={meta['vocab_size']} (checkpoint) vs {vocab_size} (this run)")

@@ -138,7 +138,8 @@ def generate_ids(
 
     `vocab_size`: the tokenizer's size; logits of the padding rows of the embedding (vocab padded to 64) are masked.
     `should_stop(new_ids) -> bool`: a text-level stop test, called after each new token of a row.
-    `on_token(index, new_ids)`: called after each new token of prompt `index` (for streaming), before should_stop.
+    `on_token(index, new_ids)`: called after each new token of prompt `index` (for streaming), before should_stop; a
+    true return ends that row (a client that went away).
     Prompts longer than `prompt_budget(...)` keep their last tokens; no row grows past the model's max_seq_len.
     """
     cfg: ModelConfig = model.cfg
@@ -237,8 +238,8 @@ def _generate_batch(
             if token == eos_id:
                 continue
             seq.append(token)
-            if on_token is not None:
-                on_token(indices[alive[row]], seq)
+            if on_token is not None and on_token(indices[alive[row]], seq):
+                continue
             if len(seq) >= limit[alive[row]] or (should_stop is not None and should_stop(seq)):
                 continue
             keep.append(row)
@@ -330,13 +331,15 @@ def generate(
     seed: int = 0,
     batch_size: int = 16,
     on_text=None,
+    cancelled=None,
     progress: bool = False,
 ) -> list[str]:
     """Completions only (prompt not repeated), each cut before its first stop string, in the order of `prompts`.
 
     An empty prompt starts from EOS, the separator the model saw in front of every training document.
     `on_text(index, delta)` streams: called with each new piece of prompt `index`'s completion as tokens arrive; the
-    pieces of a prompt concatenate to exactly its returned completion.
+    pieces of a prompt concatenate to exactly its returned completion. `cancelled(index) -> bool`, checked after each
+    token, ends that prompt's decoding early (its text is then whatever was generated so far).
     """
     if isinstance(prompts, str):
         raise GenerateError("prompts must be a list of strings, got a single string (wrap it: [prompt])")
@@ -345,9 +348,10 @@ def generate(
     keep = prompt_budget(model.cfg.max_seq_len, max_new_tokens)
     streams = [_TextStream(tokenizer, p[-keep:], stop) for p in encoded] if on_text is not None else None
 
-    def on_token(index: int, new_ids: list[int]) -> None:
-        if delta := streams[index].update(new_ids):
+    def on_token(index: int, new_ids: list[int]) -> bool:
+        if streams is not None and (delta := streams[index].update(new_ids)):
             on_text(index, delta)
+        return cancelled is not None and cancelled(index)
 
     new = generate_ids(
         model,
@@ -360,7 +364,7 @@ def generate(
         seed=seed,
         batch_size=batch_size,
         should_stop=watch.hit if watch.stop else None,
-        on_token=on_token if streams is not None else None,
+        on_token=on_token if streams is not None or cancelled is not None else None,
         progress=progress,
     )
     texts = [cut_at_stop(_completion_text(tokenizer, p[-keep:], n), stop) for p, n in zip(encoded, new)]

@@ -223,14 +223,14 @@ def attend(
     causal = mask is None and S == T  # training, or a prefill into an empty cache
     if mask is None and S != T and T > 1:  # prefill into a non-empty cache: causal mask offset by the cached part
         mask = torch.ones(T, S, dtype=torch.bool, device=qkv.device).tril(S - T)
-    if causal and not q.is_cuda and q.dtype != torch.float32 and T <= CPU_MATMUL_ATTENTION_MAX_T:
+    if causal and not q.is_cuda and q.dtype == torch.bfloat16 and T <= CPU_MATMUL_ATTENTION_MAX_T:
         y = matmul_attention(q, k, v, dropout)
     else:
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)  # (B,H,T,D)
     return y.transpose(1, 2).reshape(B, T, C)
 
 
-# torch's CPU flash kernel in bf16/fp16 loses to two batched GEMMs and a softmax up to here (measured on the training
+# torch's CPU flash kernel in bf16 loses to two batched GEMMs and a softmax up to here (measured on the training
 # step of the benchmark models: 7-9% faster at T = 256 and 512, 65% slower at 1024, where the T x T scores no longer
 # sit in cache); fp32 and GPUs keep SDPA's kernels
 CPU_MATMUL_ATTENTION_MAX_T = 512
@@ -239,7 +239,7 @@ CPU_MATMUL_ATTENTION_MAX_T = 512
 def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> torch.Tensor:
     """Causal softmax(q k^T / sqrt(D)) v with the scores materialised (B, H, T, T), softmax in fp32."""
     T, D = q.shape[-2], q.shape[-1]
-    scores = (q @ k.transpose(-1, -2)) * (D**-0.5)
+    scores = (q * D**-0.5) @ k.transpose(-1, -2)  # scaled first, as SDPA does: the raw q.k may not fit the dtype
     causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
     probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1, dtype=torch.float32).to(q.dtype)
     return (F.dropout(probs, dropout) if dropout > 0 else probs) @ v

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import time
 from pathlib import Path
@@ -34,6 +35,7 @@ PEAK_BF16 = {
     "H100 PCIe": 756e12,
     "H100 NVL": 835e12,
     "H100": 989e12,  # SXM
+    "H200 NVL": 835e12,
     "H200": 989e12,
     "GH200": 989e12,
     "B200": 2250e12,
@@ -47,7 +49,12 @@ PEAK_BF16 = {
 
 
 def peak_flops_for(name: str) -> float | None:
-    return next((PEAK_BF16[k] for k in sorted(PEAK_BF16, key=len, reverse=True) if k in name), None)
+    """The peak of the longest key found in `name` as a whole word ("A100" is not in "RTX A1000", "B200" not in
+    "GB200"): an unknown device gets no MFU rather than another device's."""
+    for key in sorted(PEAK_BF16, key=len, reverse=True):
+        if re.search(rf"(?<![A-Za-z0-9]){re.escape(key)}(?![A-Za-z0-9])", name):
+            return PEAK_BF16[key]
+    return None
 
 
 def device_peak_flops() -> float | None:
@@ -342,7 +349,8 @@ class Trainer:
         tokens = tokens.to(self.device, non_blocking=True)
         inputs, labels = tokens[:, : self.seq_len], tokens[:, 1 : self.seq_len + 1]
         if mask is not None and not self.conf.train.loss_on_prompt:
-            keep = mask[:, 1 : self.seq_len + 1].to(self.device, non_blocking=True)
+            keep = mask.to(self.device, non_blocking=True)[:, 1 : self.seq_len + 1]  # slice on the device: a
+            # sliced host view would be copied to pageable memory first
             labels = labels.masked_fill(~keep, -100)
         return inputs, labels
 
@@ -522,12 +530,17 @@ class Trainer:
         return summary
 
     def sample(self, prompt: str) -> str:
-        from phi_train.generate import generate
+        """Greedy continuation of `prompt`, run by every rank. Decoding does not stop at EOS (the text is cut there
+        afterwards): every rank then runs exactly the same number of forwards whatever it samples, which ZeRO-3's
+        all-gathers need, even if some rank's argmax ever differed."""
+        from phi_train.generate import _completion_text, generate_ids, prompt_budget
 
         module = self.engine.module
         module.eval()
-        out = generate(module, self.tokenizer, [prompt], max_new_tokens=self.conf.train.sample_tokens, temperature=0.0)[
-            0
-        ]
+        ids = self.tokenizer.encode(prompt) or [self.tokenizer.eos_id]
+        n = self.conf.train.sample_tokens
+        [new] = generate_ids(module, [ids], max_new_tokens=n, eos_id=None, vocab_size=self.tokenizer.vocab_size)
         module.train()
-        return out
+        if self.tokenizer.eos_id in new:
+            new = new[: new.index(self.tokenizer.eos_id)]
+        return _completion_text(self.tokenizer, ids[-prompt_budget(module.cfg.max_seq_len, n) :], new)

@@ -171,6 +171,24 @@ def test_streamed_pieces_concatenate_to_the_returned_text(tokenizer):
         assert max(len(p) for p in pieces.values()) > 3  # pieces arrive while decoding, not once at the end
 
 
+def test_cancelled_rows_stop_at_their_next_token_and_the_others_are_unchanged(tokenizer):
+    model = tiny_model(seed=3, vocab=tokenizer.vocab_size)
+    prompts = ["def add(a, b):\n", "class Point:\n    def", "x"]
+    free = generate_ids(
+        model, [tokenizer.encode(p) for p in prompts], max_new_tokens=30, eos_id=tokenizer.eos_id,
+        vocab_size=tokenizer.vocab_size,
+    )  # fmt: skip
+    assert all(len(ids) > 2 for ids in free)
+    streamed: dict[int, list[str]] = {0: [], 1: [], 2: []}
+    texts = generate(
+        model, tokenizer, prompts, max_new_tokens=30, cancelled=lambda i: i == 1,
+        on_text=lambda i, d: streamed[i].append(d),
+    )  # fmt: skip
+    assert texts[0] == generate(model, tokenizer, prompts[:1], max_new_tokens=30)[0]
+    assert texts[1] == tokenizer.decode(tokenizer.encode(prompts[1]) + free[1][:1])[len(prompts[1]) :]  # one token
+    assert all("".join(streamed[i]) == texts[i] for i in range(3))
+
+
 def test_stop_prefix_is_held_back():
     from phi_train.generate import _stop_prefix_len
 

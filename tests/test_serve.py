@@ -161,13 +161,14 @@ def test_streaming_and_bad_requests(served):
         model="phi-train", messages=[{"role": "user", "content": "hi"}], max_tokens=8, temperature=0
     )
     stream = client.chat.completions.create(
-        model="phi-train", messages=[{"role": "user", "content": "hi"}], max_tokens=8, temperature=0, stream=True
-    )
+        model="phi-train", messages=[{"role": "user", "content": "hi"}], max_tokens=8, temperature=0, stream=True,
+        stream_options={"include_usage": True},
+    )  # fmt: skip
     chunks = list(stream)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == full.choices[0].message.content
     assert chunks[0].choices[0].delta.role == "assistant"
-    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
-    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    assert chunks[-2].choices[0].finish_reason in ("stop", "length")
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
 
     # completions, two prompts at once: per-choice pieces arrive token by token and add up to the non-streamed text
     prompts = ["def add(a, b):\n", "import heapq\n\n"]

@@ -158,7 +158,10 @@ def test_equal_length_batch_takes_the_mask_free_path_with_the_same_tokens():
         ("NVIDIA L40", 181e12),
         ("NVIDIA L4", 121e12),
         ("NVIDIA A100-SXM4-80GB", 312e12),
+        ("NVIDIA H200 NVL", 835e12),
         ("NVIDIA GeForce GTX 1080", None),
+        ("NVIDIA RTX A1000", None),  # not an A100
+        ("NVIDIA GB200", None),  # not a B200 (no peak recorded: no MFU rather than a wrong one)
     ],
 )
 def test_mfu_peak_matches_the_most_specific_device_name(name, peak):
@@ -226,3 +229,15 @@ def test_gpu_profile_runs_only_when_phi1_is_short_of_the_goal():
     ]
     assert bench.gpu_profile_if_short(rows) is None  # phi1's best (57%) meets 55%: nothing to profile
     assert bench.gpu_profile_if_short(rows[:1] + rows[2:]) is None  # no phi1 measurement (CPU: mfu is None)
+
+
+def test_resume_check_reads_checkpoints_written_before_fused_block_existed():
+    from dataclasses import asdict
+
+    from phi_train.checkpoint import check_compatible
+
+    cfg = tiny()
+    old = {k: v for k, v in asdict(cfg).items() if k != "fused_block"}
+    check_compatible({"model": old, "vocab_size": 320, "world_size": 2}, cfg, 320, 2, "ckpt")  # unfused: fits
+    with pytest.raises(ConfigError, match="model.fused_block=False \\(checkpoint\\) vs True"):
+        check_compatible({"model": old, "vocab_size": 320, "world_size": 2}, tiny(fused_block=True), 320, 2, "ckpt")
