@@ -20,14 +20,13 @@ import signal
 import subprocess
 import sys
 import sysconfig
-import threading
 import time
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import zstandard
+from fakes import ChatHandler, FakeChatServer
 
 from data_tools import exercises, textbooks
 from data_tools.exercises import Exercise, parse_exercise_reply, validate
@@ -82,86 +81,58 @@ def fake_exercise(case: str, marker: str) -> str:
     return f"Sure!\n```python\ndef solve_task(xs):\n{body}```\n\n```python\n" + "\n".join(tests) + "\n```\n"
 
 
-class FaultyTeacher:
-    """`/v1/chat/completions` that fails on purpose, keyed by `CASE=<name>` in the prompt (first attempt only,
-    except `500-always`), and otherwise answers with a canned reply for that case."""
+class FaultyTeacher(FakeChatServer):
+    """Fails on purpose, keyed by `CASE=<name>` in the prompt (on a case's first request only, except `500-always`),
+    and otherwise answers with a canned reply for that case. `hostile_marker`: the file a hostile exercise tries to
+    create (the sandbox must stop it); `delay_s` slows every reply (so a SIGKILL lands mid-run)."""
 
-    def __init__(self, marker: str, delay_s: float = 0.0) -> None:
-        self.seen: Counter = Counter()
-        self.lock = threading.Lock()
-        self.delay_s, self.marker = delay_s, marker
-        outer = self
+    marker = r"CASE=(\S+)"
+    model = "fake"
+    usage = (50, 200)
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args) -> None:
-                pass
+    def __init__(self, hostile_marker: str, delay_s: float = 0.0) -> None:
+        super().__init__()
+        self.hostile_marker, self.delay_s = hostile_marker, delay_s
 
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                prompt = body["messages"][-1]["content"]
-                case = re.search(r"CASE=(\S+)", prompt).group(1)
-                with outer.lock:
-                    outer.seen[prompt] += 1
-                    nth = outer.seen[prompt]
-                if outer.delay_s:
-                    time.sleep(outer.delay_s)
-                outer.respond(self, case, nth, prompt)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    @property
-    def requests(self) -> int:
-        return sum(self.seen.values())
-
-    def respond(self, h: BaseHTTPRequestHandler, case: str, nth: int, prompt: str) -> None:
-        def send(code: int, payload: bytes, headers: dict | None = None) -> None:
-            h.send_response(code)
-            h.send_header("Content-Type", "application/json")
-            h.send_header("Content-Length", str(len(payload)))
-            for k, v in (headers or {}).items():
-                h.send_header(k, v)
-            h.end_headers()
-            h.wfile.write(payload)
-
-        def reply(choices: list) -> None:
-            usage = {"prompt_tokens": 50, "completion_tokens": 200, "total_tokens": 250}
-            body = {"id": "x", "object": "chat.completion", "created": 0, "model": "fake", "choices": choices}
-            send(200, json.dumps(body | {"usage": usage}).encode())
-
+    def respond(self, h: ChatHandler, case: str, nth: int, body: dict) -> None:
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        prompt = body["messages"][-1]["content"]
         first = nth == 1
         if case == "500-always" or (first and case.startswith("500")):
-            send(500, b'{"error": {"message": "boom"}}')
+            h.send(500, b'{"error": {"message": "boom"}}')
         elif first and case.endswith("429"):
-            send(429, b'{"error": {"message": "slow down"}}', {"Retry-After": "0.01"})
+            h.send(429, b'{"error": {"message": "slow down"}}', headers={"Retry-After": "0.01"})
         elif first and case == "slow":
             time.sleep(1.5)  # past the client's 1 s timeout: it has hung up by now
             with contextlib.suppress(OSError):
-                send(200, b"{}")
+                h.send(200, b"{}")
         elif first and case == "disconnect":
             h.close_connection = True
             h.connection.shutdown(2)  # no status line at all
         elif first and case == "garbage":
-            send(200, b"<html>not json at all")
+            h.send(200, b"<html>not json at all")
         elif first and case == "empty-choice":
-            reply([])
+            usage = {"prompt_tokens": 50, "completion_tokens": 200, "total_tokens": 250}
+            reply = {
+                "id": "x",
+                "object": "chat.completion",
+                "created": 0,
+                "model": "fake",
+                "choices": [],
+                "usage": usage,
+            }
+            h.send(200, json.dumps(reply).encode())
+        elif case.startswith("ex-"):
+            h.ok(fake_exercise(case, self.hostile_marker))
+        elif case == "syntax":
+            h.ok(fake_textbook(case).replace("    return total", "    return total +"))
+        elif case == "nocode":
+            h.ok(re.sub(r"```python.*?```", "", fake_textbook(case), flags=re.DOTALL))
+        elif case == "short":
+            h.ok("```python\nx = 1\n```")
         else:
-            if case.startswith("ex-"):
-                text = fake_exercise(case, self.marker)
-            elif case == "syntax":
-                text = fake_textbook(case).replace("    return total", "    return total +")
-            elif case == "nocode":
-                text = re.sub(r"```python.*?```", "", fake_textbook(case), flags=re.DOTALL)
-            elif case == "short":
-                text = "```python\nx = 1\n```"
-            else:
-                text = fake_textbook({"dup": "ok-1", "many": prompt}.get(case, case))
-            reply([{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}])
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+            h.ok(fake_textbook({"dup": "ok-1", "many": prompt}.get(case, case)))
 
 
 TEXTBOOK_CASES = ["ok-1", "ok-2", "429", "500", "500-always", "slow", "disconnect", "garbage", "empty-choice",
@@ -219,7 +190,7 @@ def key(monkeypatch):
 
 
 def test_textbooks_against_a_faulty_teacher(tmp_path, key):
-    teacher = FaultyTeacher(marker=str(tmp_path / "unused"))
+    teacher = FaultyTeacher(hostile_marker=str(tmp_path / "unused"))
     try:
         cfg = load_config(str(write_config(tmp_path / "c.yaml", teacher.url, tmp_path)))
         s = textbooks.run(cfg)
@@ -241,15 +212,15 @@ def test_textbooks_against_a_faulty_teacher(tmp_path, key):
         assert s["teacher"]["retries"] >= 7 and s["teacher"]["errors"] == {"http_500": 1}
 
         # A rerun asks only for what failed: the permanent 500 (1 + max_retries attempts), nothing else.
-        before = teacher.requests
+        before = len(teacher.requests)
         s2 = textbooks.run(cfg)
-        assert teacher.requests - before == 4 and s2["generation"]["reused"] == len(TEXTBOOK_CASES) - 1
+        assert len(teacher.requests) - before == 4 and s2["generation"]["reused"] == len(TEXTBOOK_CASES) - 1
         assert read_zst(tmp_path / "tb_out" / textbooks.OUTPUT_FILE) == out
         # With the records gone, the teacher's disk cache still answers everything that once succeeded.
         (tmp_path / "tb_work" / GENERATIONS).unlink()
-        before = teacher.requests
+        before = len(teacher.requests)
         s3 = textbooks.run(cfg)
-        assert teacher.requests - before == 4 and s3["teacher"]["cached"] == len(TEXTBOOK_CASES) - 1
+        assert len(teacher.requests) - before == 4 and s3["teacher"]["cached"] == len(TEXTBOOK_CASES) - 1
         assert s3["kept"] == 8
     finally:
         teacher.close()
@@ -258,7 +229,7 @@ def test_textbooks_against_a_faulty_teacher(tmp_path, key):
 def test_sigkill_then_rerun_has_no_duplicates_and_pays_nothing_twice(tmp_path):
     """The generation subprocess is SIGKILLed mid-run; the rerun completes the set without duplicates, and a third run
     sends no request at all."""
-    teacher = FaultyTeacher(marker=str(tmp_path / "unused"), delay_s=0.15)
+    teacher = FaultyTeacher(hostile_marker=str(tmp_path / "unused"), delay_s=0.15)
     words = [f"w{i}" for i in range(24)]
     cfg = write_config(tmp_path / "c.yaml", teacher.url, tmp_path, chunk_size="2", tb_count="24",
                        tb_cases='["many"]', tb_words=json.dumps(words))  # fmt: skip
@@ -277,27 +248,27 @@ def test_sigkill_then_rerun_has_no_duplicates_and_pays_nothing_twice(tmp_path):
         assert 6 <= done_before < 24
         with open(gen, "a") as f:  # as if the kill had cut a line in half
             f.write('{"id": "torn-li')
-        requests_before = teacher.requests
+        requests_before = len(teacher.requests)
         r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr[-2000:]
         ids = [json.loads(line)["id"] for line in gen.read_text().splitlines()]
         assert len(ids) == len(set(ids)) == 24
         # The rerun sent only the missing items (those in flight at the kill were cached or re-sent once).
-        assert teacher.requests - requests_before <= 24 - done_before + 4
+        assert len(teacher.requests) - requests_before <= 24 - done_before + 4
         summary = json.loads((tmp_path / "tb_work" / "summary.json").read_text())
         assert summary["generation"]["requested"] == 24 == summary["generated"] == summary["kept"]
         out = read_zst(tmp_path / "tb_out" / textbooks.OUTPUT_FILE)
         assert len(out) == len({r["id"] for r in out}) == 24
-        before = teacher.requests
+        before = len(teacher.requests)
         r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-        assert r.returncode == 0 and teacher.requests == before
+        assert r.returncode == 0 and len(teacher.requests) == before
     finally:
         teacher.close()
 
 
 def test_exercises_against_a_faulty_teacher_are_sandbox_validated(tmp_path, key):
     marker = tmp_path / "HOSTILE_WAS_HERE"
-    teacher = FaultyTeacher(marker=str(marker))
+    teacher = FaultyTeacher(hostile_marker=str(marker))
     try:
         cfg = load_config(str(write_config(tmp_path / "c.yaml", teacher.url, tmp_path)))
         s = exercises.run(cfg)
