@@ -209,63 +209,57 @@ class Server:
         c = len(self.tokenizer.encode(text)) if text else 0
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
+    def result(self, job: Job) -> tuple[str, dict, str]:
+        """(text, usage, finish_reason) of a finished job."""
+        usage = self.usage(job.prompt, job.text or "", job.sampling.max_tokens)
+        finish = "length" if usage["completion_tokens"] >= job.sampling.max_tokens else "stop"
+        return job.text or "", usage, finish
+
     def run(self, prompts: list[str], s: Sampling) -> list[tuple[str, dict, str]]:
         """(text, usage, finish_reason) per prompt; blocks until the batcher has done them."""
         jobs = [self.batcher.submit(p, s) for p in prompts]
         out = []
-        for p, j in zip(prompts, jobs, strict=True):
+        for j in jobs:
             j.done.wait()
             if j.error is not None:
                 raise RequestError(j.error)
-            usage = self.usage(p, j.text or "", s.max_tokens)
-            finish = "length" if usage["completion_tokens"] >= s.max_tokens else "stop"
-            out.append((j.text or "", usage, finish))
+            out.append(self.result(j))
         return out
 
-    def completions(self, body: dict) -> tuple[dict, Sampling]:
+    def parse(self, kind: str, body: dict) -> tuple[list[str], Sampling]:
+        """The prompts and sampling of a completions or chat request (RequestError when malformed)."""
+        if kind == "chat":
+            prompt = render_chat(body.get("messages"))
+            return [prompt], parse_sampling(body, default_max_tokens=self.max_seq_len // 2, extra_stop=CHAT_STOP)
         prompt = body.get("prompt", "")
         prompts = [prompt] if isinstance(prompt, str) else prompt
         if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
             raise RequestError("'prompt' must be a string or a non-empty list of strings")
-        s = parse_sampling(body, default_max_tokens=16)
+        return prompts, parse_sampling(body, default_max_tokens=16)
+
+    def completions(self, body: dict) -> tuple[dict, Sampling]:
+        prompts, s = self.parse("completions", body)
         results = self.run(prompts, s)
         choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": f} for i, (t, _, f) in enumerate(results)]
         usage = {k: sum(u[k] for _, u, _ in results) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
         return self._envelope("text_completion", "cmpl", choices, usage), s
 
     def chat(self, body: dict) -> tuple[dict, Sampling]:
-        prompt = render_chat(body.get("messages"))
-        s = parse_sampling(body, default_max_tokens=self.max_seq_len // 2, extra_stop=CHAT_STOP)
-        [(text, usage, finish)] = self.run([prompt], s)
+        prompts, s = self.parse("chat", body)
+        [(text, usage, finish)] = self.run(prompts, s)
         choice = {"index": 0, "message": {"role": "assistant", "content": text.strip()}, "finish_reason": finish}
         return self._envelope("chat.completion", "chatcmpl", [choice], usage), s
 
-    def stream(self, path_kind: str, body: dict) -> Iterator[dict]:
+    def stream(self, kind: str, body: dict) -> Iterator[dict]:
         """Validate and submit now (a bad request fails before any header is sent); the returned iterator yields the
         OpenAI chunk objects as the batcher produces text."""
-        chat = path_kind == "chat"
-        if chat:
-            prompts = [render_chat(body.get("messages"))]
-            s = parse_sampling(body, default_max_tokens=self.max_seq_len // 2, extra_stop=CHAT_STOP)
-        else:
-            prompt = body.get("prompt", "")
-            prompts = [prompt] if isinstance(prompt, str) else prompt
-            if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-                raise RequestError("'prompt' must be a string or a non-empty list of strings")
-            s = parse_sampling(body, default_max_tokens=16)
+        prompts, s = self.parse(kind, body)
         events: queue.Queue[tuple[int, str | None]] = queue.Queue()
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         jobs = [self.batcher.submit(p, s, sink=lambda d, i=i: events.put((i, d))) for i, p in enumerate(prompts)]
-        return self._chunks(prompts, jobs, events, s, chat, include_usage)
+        return self._chunks(jobs, events, kind == "chat", include_usage)
 
-    def _chunks(self, prompts, jobs, events, s: Sampling, chat: bool, include_usage: bool) -> Iterator[dict]:
-        try:
-            yield from self._chunks_of(prompts, jobs, events, s, chat, include_usage)
-        finally:  # closed early (the client hung up): stop generating for it
-            for j in jobs:
-                j.cancelled.set()
-
-    def _chunks_of(self, prompts, jobs, events, s: Sampling, chat: bool, include_usage: bool) -> Iterator[dict]:
+    def _chunks(self, jobs: list[Job], events: queue.Queue, chat: bool, include_usage: bool) -> Iterator[dict]:
         base = {
             "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
             "object": "chat.completion.chunk" if chat else "text_completion",
@@ -279,36 +273,39 @@ class Server:
                 return base | {"choices": [{"index": index, "delta": delta, "finish_reason": finish}]}
             return base | {"choices": [{"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}]}
 
-        if chat:
-            yield chunk(0, "", first=True)
-        raw = [""] * len(jobs)  # what generate streamed so far, per choice
-        sent = [""] * len(jobs)  # what went out (chat: stripped, as the non-streamed content is)
-        open_jobs = set(range(len(jobs)))
-        while open_jobs:
-            i, delta = events.get()
-            if delta is None:
-                open_jobs.discard(i)
-                continue
-            raw[i] += delta
-            # chat content is text.strip(): leading whitespace never goes out, trailing waits for what follows
-            visible = raw[i].strip() if chat else raw[i]
-            if len(visible) > len(sent[i]) and visible.startswith(sent[i]):
-                yield chunk(i, visible[len(sent[i]) :])
-                sent[i] = visible
-        usage_total = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
-        for i, (p, j) in enumerate(zip(prompts, jobs, strict=True)):
-            if j.error is not None:
-                yield {"error": {"message": j.error, "type": "server_error", "code": 500}}
-                return
-            text = (j.text or "").strip() if chat else (j.text or "")
-            if text != sent[i] and text.startswith(sent[i]):
-                yield chunk(i, text[len(sent[i]) :])
-            usage = self.usage(p, j.text or "", s.max_tokens)
-            usage_total = {k: usage_total[k] + usage[k] for k in usage_total}
-            finish = "length" if usage["completion_tokens"] >= s.max_tokens else "stop"
-            yield chunk(i, None if chat else "", finish)
-        if include_usage:  # OpenAI's stream_options.include_usage: one more chunk, no choices, the request's usage
-            yield base | {"choices": [], "usage": usage_total}
+        try:
+            if chat:
+                yield chunk(0, "", first=True)
+            raw = [""] * len(jobs)  # what generate streamed so far, per choice
+            sent = [""] * len(jobs)  # what went out (chat: stripped, as the non-streamed content is)
+            open_jobs = set(range(len(jobs)))
+            while open_jobs:
+                i, delta = events.get()
+                if delta is None:
+                    open_jobs.discard(i)
+                    continue
+                raw[i] += delta
+                # chat content is text.strip(): leading whitespace never goes out, trailing waits for what follows
+                visible = raw[i].strip() if chat else raw[i]
+                if len(visible) > len(sent[i]) and visible.startswith(sent[i]):
+                    yield chunk(i, visible[len(sent[i]) :])
+                    sent[i] = visible
+            usage_total = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+            for i, j in enumerate(jobs):
+                if j.error is not None:
+                    yield {"error": {"message": j.error, "type": "server_error", "code": 500}}
+                    return
+                text, usage, finish = self.result(j)
+                text = text.strip() if chat else text
+                if text != sent[i] and text.startswith(sent[i]):
+                    yield chunk(i, text[len(sent[i]) :])
+                usage_total = {k: usage_total[k] + usage[k] for k in usage_total}
+                yield chunk(i, None if chat else "", finish)
+            if include_usage:  # OpenAI's stream_options.include_usage: one more chunk, no choices, the request's usage
+                yield base | {"choices": [], "usage": usage_total}
+        finally:  # also when closed early (the client hung up): stop generating for it
+            for j in jobs:
+                j.cancelled.set()
 
     def _envelope(self, obj: str, prefix: str, choices: list, usage: dict) -> dict:
         return {
