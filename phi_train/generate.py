@@ -332,6 +332,7 @@ def generate(
     batch_size: int = 16,
     on_text=None,
     cancelled=None,
+    fixed_length: bool = False,
     progress: bool = False,
 ) -> list[str]:
     """Completions only (prompt not repeated), each cut before its first stop string, in the order of `prompts`.
@@ -340,9 +341,13 @@ def generate(
     `on_text(index, delta)` streams: called with each new piece of prompt `index`'s completion as tokens arrive; the
     pieces of a prompt concatenate to exactly its returned completion. `cancelled(index) -> bool`, checked after each
     token, ends that prompt's decoding early (its text is then whatever was generated so far).
+    `fixed_length`: decode max_new_tokens for every prompt, cutting at EOS and stop strings only afterwards, so the
+    number of forward passes does not depend on what is sampled (ranks of a ZeRO-3 model must all run the same ones).
     """
     if isinstance(prompts, str):
         raise GenerateError("prompts must be a list of strings, got a single string (wrap it: [prompt])")
+    if fixed_length and on_text is not None:
+        raise GenerateError("fixed_length=True decodes past EOS and stop strings: it cannot stream (on_text)")
     encoded = [tokenizer.encode(p) or [tokenizer.eos_id] for p in prompts]
     watch = _StopWatch(tokenizer, stop)
     keep = prompt_budget(model.cfg.max_seq_len, max_new_tokens)
@@ -359,14 +364,16 @@ def generate(
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         top_p=top_p,
-        eos_id=tokenizer.eos_id,
+        eos_id=None if fixed_length else tokenizer.eos_id,
         vocab_size=tokenizer.vocab_size,
         seed=seed,
         batch_size=batch_size,
-        should_stop=watch.hit if watch.stop else None,
+        should_stop=watch.hit if watch.stop and not fixed_length else None,
         on_token=on_token if streams is not None or cancelled is not None else None,
         progress=progress,
     )
+    if fixed_length:  # what decoding would have stopped at
+        new = [n[: n.index(tokenizer.eos_id)] if tokenizer.eos_id in n else n for n in new]
     texts = [cut_at_stop(_completion_text(tokenizer, p[-keep:], n), stop) for p, n in zip(encoded, new)]
     for i, text in enumerate(texts if streams is not None else ()):
         if delta := streams[i].finish(text):

@@ -8,6 +8,7 @@ compute exactly what the uninterrupted one would have.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -398,9 +399,17 @@ class Trainer:
         return (total[0] / total[1]).item()
 
     # ---------------------------------------------------------------- logging
-    def sync_device(self) -> None:
+    @contextlib.contextmanager
+    def off_the_clock(self):
+        """Time spent inside (evaluation, checkpointing) does not count towards tokens/s. The device is synced first:
+        the steps' queued GPU work belongs to training time."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused += time.perf_counter() - t0
 
     def flush_metrics(self, extra: dict | None = None) -> dict | None:
         """Write every pending step's loss (one host sync for the whole interval) and return the last record."""
@@ -481,10 +490,8 @@ class Trainer:
             self.pending.append((self.step, loss, lr))
             extra = {}
             if self.step % t.eval_every == 0 or self.step == t.max_steps:
-                self.sync_device()  # the steps' queued GPU work counts as training time, not evaluation
-                t0 = time.perf_counter()
-                val = self.evaluate()
-                self.paused += time.perf_counter() - t0
+                with self.off_the_clock():
+                    val = self.evaluate()
                 extra = {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
             if self.step % t.log_every == 0 or extra or self.step % t.ckpt_every == 0 or self.step == t.max_steps:
                 rec = self.flush_metrics(extra)
@@ -502,10 +509,8 @@ class Trainer:
                             msg += f" | val loss {rec['val_loss']:.4f} (ppl {rec['val_ppl']:.1f})"
                         bar.write(msg)
             if self.step % t.ckpt_every == 0 or self.step == t.max_steps:
-                self.sync_device()
-                t0 = time.perf_counter()
-                self.save()
-                self.paused += time.perf_counter() - t0
+                with self.off_the_clock():
+                    self.save()
             if bar is not None:
                 bar.update(1)
         if bar is not None:
@@ -530,17 +535,17 @@ class Trainer:
         return summary
 
     def sample(self, prompt: str) -> str:
-        """Greedy continuation of `prompt`, run by every rank. Decoding does not stop at EOS (the text is cut there
-        afterwards): every rank then runs exactly the same number of forwards whatever it samples, which ZeRO-3's
-        all-gathers need, even if some rank's argmax ever differed."""
-        from phi_train.generate import _completion_text, generate_ids, prompt_budget
+        """Greedy continuation of `prompt`, run by every rank. Fixed-length decoding (cut at EOS afterwards): every
+        rank runs exactly the same number of forwards whatever it samples, which ZeRO-3's all-gathers need, even if
+        some rank's argmax ever differed."""
+        from phi_train.generate import generate
 
-        module = self.engine.module
-        module.eval()
-        ids = self.tokenizer.encode(prompt) or [self.tokenizer.eos_id]
-        n = self.conf.train.sample_tokens
-        [new] = generate_ids(module, [ids], max_new_tokens=n, eos_id=None, vocab_size=self.tokenizer.vocab_size)
-        module.train()
-        if self.tokenizer.eos_id in new:
-            new = new[: new.index(self.tokenizer.eos_id)]
-        return _completion_text(self.tokenizer, ids[-prompt_budget(module.cfg.max_seq_len, n) :], new)
+        # generate() puts the module in eval mode and back
+        [out] = generate(
+            self.engine.module,
+            self.tokenizer,
+            [prompt],
+            max_new_tokens=self.conf.train.sample_tokens,
+            fixed_length=True,
+        )
+        return out

@@ -189,6 +189,23 @@ def test_cancelled_rows_stop_at_their_next_token_and_the_others_are_unchanged(to
     assert all("".join(streamed[i]) == texts[i] for i in range(3))
 
 
+def test_fixed_length_decodes_every_step_and_returns_the_same_text(tokenizer):
+    """The mode of the trainer's end-of-run sample (ZeRO-3 ranks must run the same forwards): same text as stopping
+    early, but always max_new_tokens forward passes."""
+    model = tiny_model(seed=3, vocab=tokenizer.vocab_size)
+    prompts = ["def add(a, b):\n", "class Point:\n    def"]
+    free = generate(model, tokenizer, prompts, max_new_tokens=30)
+    stop = free[0][len(free[0]) // 3 : len(free[0]) // 3 + 3]
+    calls: list[int] = []
+    hook = model.wte.register_forward_hook(lambda m, inp, out: calls.append(1))
+    fixed = generate(model, tokenizer, prompts, max_new_tokens=30, stop=[stop], fixed_length=True)
+    hook.remove()
+    assert fixed == generate(model, tokenizer, prompts, max_new_tokens=30, stop=[stop])
+    assert len(calls) == 30  # prefill + 29 decode steps, although prompt 0 hit its stop string early
+    with pytest.raises(GenerateError, match="cannot stream"):
+        generate(model, tokenizer, prompts, fixed_length=True, on_text=lambda i, d: None)
+
+
 def test_stop_prefix_is_held_back():
     from phi_train.generate import _stop_prefix_len
 
