@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
@@ -90,7 +90,7 @@ def check_compatible(meta: dict, model_cfg: ModelConfig, vocab_size: int, world_
     saved = meta["model"]
     ours = asdict(model_cfg)
     shape_keys = ("n_layer", "d_model", "n_head", "d_mlp", "rotary_dim", "fused_block")
-    defaults = asdict(ModelConfig(n_layer=1, d_model=64, n_head=1, d_mlp=1))  # keys older checkpoints lack
+    defaults = {f.name: f.default for f in fields(ModelConfig)}  # for keys that older checkpoints lack
     diffs = [
         f"model.{k}={saved.get(k, defaults[k])} (checkpoint) vs {ours[k]} (this run)"
         for k in shape_keys
