@@ -241,3 +241,17 @@ def test_resume_check_reads_checkpoints_written_before_fused_block_existed():
     check_compatible({"model": old, "vocab_size": 320, "world_size": 2}, cfg, 320, 2, "ckpt")  # unfused: fits
     with pytest.raises(ConfigError, match="model.fused_block=False \\(checkpoint\\) vs True"):
         check_compatible({"model": old, "vocab_size": 320, "world_size": 2}, tiny(fused_block=True), 320, 2, "ckpt")
+
+
+def test_kernel_bench_section_measures_every_pair_and_reports_rows():
+    """`bench.py --only kernels` (what the docs' per-GEMM table comes from): every shape timed on both libraries, the
+    LM head's backward products too, attention at three lengths; each becomes a report row. No time is asserted."""
+    bench = _bench_module()
+    res = bench.bench_kernels(quick=True)
+    assert [g["shape"] for g in res["gemm"]] == [list(s) for s in bench.GEMM_SHAPES]
+    head = next(g for g in res["gemm"] if g["shape"] == [2048, 256, 4096])
+    assert set(head["ms"]) == {"mkl", "onednn", "mkl_grad_input", "onednn_grad_input", "mkl_grad_weight",
+                               "onednn_grad_weight"}  # fmt: skip
+    assert [a["seq"] for a in res["attention_bf16"]] == [256, 512, 1024]
+    rows = bench.report_rows({"kernels": res})
+    assert len(rows) == len(bench.GEMM_SHAPES) + 2 + 3 and all(len(r) == 5 for r in rows)
