@@ -166,6 +166,15 @@ def single_process_env() -> None:
     )
 
 
+def shm_comm_buffer(rank: int, addr: str | None = None, port: str | None = None) -> Path:
+    """The /dev/shm file DeepSpeed's CPU shared-memory all-reduce (deepspeed/ops/csrc/cpu/comm/shm.cpp) creates for
+    `rank` of the job on addr:port (default: this process's MASTER_ADDR:MASTER_PORT), ~70 MB each. DeepSpeed never
+    removes it."""
+    addr = addr if addr is not None else os.environ.get("MASTER_ADDR", "")
+    port = port if port is not None else os.environ.get("MASTER_PORT", "")
+    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
 def shards_tokenizer(data_path: str, manifest: dict, run_dir: Path) -> Tokenizer:
     """The shards' own tokenizer (fetched into the run directory when shards are remote), checked against the
     manifest's checksum — which the Tokenizer computes on load anyway."""
@@ -532,6 +541,10 @@ class Trainer:
             if self.wandb is not None:
                 self.wandb.finish()
         dist.barrier()
+        # after the barrier no rank opens another's buffer again (the mapping outlives the name): without this, every
+        # CPU run leaves ~70 MB per rank in /dev/shm until it is full and new runs hang
+        if self.device.type == "cpu":
+            shm_comm_buffer(self.rank).unlink(missing_ok=True)
         return summary
 
     def sample(self, prompt: str) -> str:

@@ -55,12 +55,24 @@ def free_port() -> int:
 
 
 def launch(shards, run_dir: Path, *extra: str, fault: str | None = None, timeout: int = 300):
-    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), TRAIN, *TINY]
+    from phi_train.trainer import shm_comm_buffer
+
+    port = str(free_port())
+    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", port, TRAIN, *TINY]
     cmd += [f"data.path={shards.path}", f"hydra.run.dir={run_dir}", *extra]
     extra_env = {"PHI_TRAIN_FAULT": fault} if fault else {}
-    return subprocess.run(
-        cmd, cwd=run_dir.parent, env=env(**extra_env), capture_output=True, text=True, timeout=timeout
-    )
+    buffers = [shm_comm_buffer(rank, "127.0.0.1", port) for rank in (0, 1)]  # the launcher's default master_addr
+    proc = None
+    try:
+        proc = subprocess.run(
+            cmd, cwd=run_dir.parent, env=env(**extra_env), capture_output=True, text=True, timeout=timeout
+        )
+    finally:  # a killed or failed run never reaches the trainer's own clean-up of DeepSpeed's shm buffers
+        left = [b for b in buffers if b.exists()]
+        for b in left:
+            b.unlink()
+    assert proc.returncode != 0 or not left, f"a finished run left DeepSpeed's shm buffers behind: {left}"
+    return proc
 
 
 def losses(run_dir: Path) -> dict[int, float]:
