@@ -531,15 +531,12 @@ def engine_throughput(
     torch.profiler, whose op table (by self time on the device, else on the CPU) lands in "profile_table"."""
     import deepspeed
     import torch
-    import torch.distributed as dist
 
     from phi_train.config import Config, DeepSpeedConfig, TrainConfig
     from phi_train.model import PhiModel
-    from phi_train.trainer import deepspeed_config, device_peak_flops, param_groups, precision, single_process_env
+    from phi_train.trainer import deepspeed_config, device_peak_flops, init_distributed, param_groups, precision
 
-    if not dist.is_initialized():
-        single_process_env()
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    init_distributed()
     conf = Config(
         model=model_cfg,
         train=TrainConfig(global_batch_size=micro_batch, micro_batch_size=micro_batch, lr=1e-5, warmup_steps=0),

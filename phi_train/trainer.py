@@ -8,6 +8,7 @@ compute exactly what the uninterrupted one would have.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import itertools
 import json
@@ -175,6 +176,21 @@ def shm_comm_buffer(rank: int, addr: str | None = None, port: str | None = None)
     return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
 
 
+def init_distributed() -> None:
+    """The process group, once per process (a world of one without a launcher). On CPU, this rank's DeepSpeed shm
+    all-reduce buffer is removed when the process exits, normally or by an error: every rank opens all buffers during
+    initialisation and keeps the mappings, so the names can go; DeepSpeed itself never removes them, and each CPU run
+    would leave ~70 MB per rank in /dev/shm until it is full and new runs hang."""
+    import deepspeed
+
+    if dist.is_initialized():
+        return
+    single_process_env()
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    if not torch.cuda.is_available():
+        atexit.register(shm_comm_buffer(dist.get_rank()).unlink, missing_ok=True)
+
+
 def shards_tokenizer(data_path: str, manifest: dict, run_dir: Path) -> Tokenizer:
     """The shards' own tokenizer (fetched into the run directory when shards are remote), checked against the
     manifest's checksum — which the Tokenizer computes on load anyway."""
@@ -236,9 +252,7 @@ class Trainer:
         self.resolved = OmegaConf.to_container(cfg, resolve=True)
         conf = self.conf
         self.manifest = read_manifest(conf.data.path)  # before any process group: a wrong path fails fast
-        if not dist.is_initialized():
-            single_process_env()
-            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        init_distributed()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -541,10 +555,6 @@ class Trainer:
             if self.wandb is not None:
                 self.wandb.finish()
         dist.barrier()
-        # after the barrier no rank opens another's buffer again (the mapping outlives the name): without this, every
-        # CPU run leaves ~70 MB per rank in /dev/shm until it is full and new runs hang
-        if self.device.type == "cpu":
-            shm_comm_buffer(self.rank).unlink(missing_ok=True)
         return summary
 
     def sample(self, prompt: str) -> str:

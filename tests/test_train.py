@@ -67,7 +67,7 @@ def launch(shards, run_dir: Path, *extra: str, fault: str | None = None, timeout
         proc = subprocess.run(
             cmd, cwd=run_dir.parent, env=env(**extra_env), capture_output=True, text=True, timeout=timeout
         )
-    finally:  # a killed or failed run never reaches the trainer's own clean-up of DeepSpeed's shm buffers
+    finally:  # a SIGKILLed rank never reaches its exit-time clean-up of DeepSpeed's shm buffer
         left = [b for b in buffers if b.exists()]
         for b in left:
             b.unlink()
