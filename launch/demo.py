@@ -78,7 +78,7 @@ def main() -> None:
           done=DATA / "shards" / "manifest.json")  # fmt: skip
     train_with_preemption()
     stage("CodeExercises (mined offline, sandbox-validated)",
-          [PY, "-m", "data_tools.exercises", "--config-name", "demo", "exercises.source=mine",
+          [PY, "-m", "data_tools.synth.exercises", "--config-name", "demo", "exercises.source=mine",
            f"exercises.mine.inputs=[{corpus}]", f"exercises.output_dir={exercises}",
            f"exercises.work_dir={DATA / 'exercises_work'}"],
           done=exercises / "mined.jsonl.zst")  # fmt: skip
@@ -108,7 +108,9 @@ def report(t_start: float, eval_dir: Path) -> None:
     for name, seconds in timings:
         print(f"{name:<48} {seconds:7.1f} s")
     print(f"{'total (this invocation)':<48} {time.time() - t_start:7.1f} s")
-    print(f"model: phi1_tiny, {pre['params']:,} parameters | pretrain: {pre['steps']} steps, {pre['tokens_seen']:,} tokens")
+    print(
+        f"model: phi1_tiny, {pre['params']:,} parameters | pretrain: {pre['steps']} steps, {pre['tokens_seen']:,} tokens"
+    )
     first, last_rec = metrics[0], metrics[-1]
     print(f"pretrain loss: step {first['step']} {first['loss']:.3f} -> step {last_rec['step']} {last_rec['loss']:.3f}")
     last = pre.get("last") or {}
@@ -118,7 +120,9 @@ def report(t_start: float, eval_dir: Path) -> None:
     if "val_loss" in ft_last:
         print(f"fine-tune: {ft['steps']} steps; held-out exercise completion loss {ft_last['val_loss']:.3f}")
     p1 = evals["pass@k"].get("pass@1", 0.0)
-    print(f"HumanEval pass@1 (greedy): {100 * p1:.2f}% on {evals['problems']} problems — a model this small solves ~none")
+    print(
+        f"HumanEval pass@1 (greedy): {100 * p1:.2f}% on {evals['problems']} problems — a model this small solves ~none"
+    )
     if ft.get("sample"):
         print("sample from the fine-tuned model (greedy):\n" + ft["sample_prompt"] + ft["sample"])
 

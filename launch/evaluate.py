@@ -10,9 +10,6 @@ Writes samples.jsonl, summary.json, summary.md and config.json to eval.out_dir (
 """
 
 import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import hydra
 from omegaconf import DictConfig, OmegaConf

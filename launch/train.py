@@ -11,8 +11,6 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 
 def take_local_rank(argv: list[str]) -> list[str]:
     """The deepspeed launcher appends `--local_rank=N`; Hydra would read it as an override, so take it off here."""

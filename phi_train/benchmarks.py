@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from phi_train.errors import PhiTrainError
+
 # bigcode-evaluation-harness `humaneval` stop words (the EOS token is the generator's business).
 HUMANEVAL_STOPS = ["\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif", "\n```"]
 # bigcode `mbpp` stop words. Unlike HumanEval there is no "\ndef", "\n#", "\n@": the prompt is a docstring, not a
@@ -25,7 +27,7 @@ MBPP_TEST_IDS = range(11, 511)
 """The MBPP test split: task_ids 11..510 (1-10 are few-shot prompts, 511-600 validation, 601-974 train)."""
 
 
-class BenchmarkError(ValueError):
+class BenchmarkError(PhiTrainError):
     """A benchmark file that cannot be used: the message names the file, line and field."""
 
 

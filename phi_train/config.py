@@ -9,19 +9,20 @@ resolved config is turned into objects by `to_object`.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from phi_train.errors import CONF_ROOT, PhiTrainError, require
 
-class ConfigError(ValueError):
+
+class ConfigError(PhiTrainError):
     """A user mistake in the configuration; the entry points print it on one line and exit 2."""
 
 
-def _require(ok: bool, msg: str) -> None:
-    if not ok:
-        raise ConfigError(msg)
+_require = functools.partial(require, error=ConfigError)
 
 
 @dataclass
@@ -264,12 +265,11 @@ def to_object(cfg: DictConfig) -> Config:
 
 def model_config(**overrides) -> ModelConfig:
     """A ModelConfig from a preset in conf/model plus overrides, for tests and notebooks (no Hydra run needed)."""
-    from pathlib import Path
 
     name = overrides.pop("preset", None)
     base: dict = {}
     if name is not None:
-        path = Path(__file__).resolve().parent.parent / "conf" / "model" / f"{name}.yaml"
+        path = CONF_ROOT / "model" / f"{name}.yaml"
         if not path.exists():
             choices = sorted(p.stem for p in path.parent.glob("*.yaml"))
             raise ConfigError(f"model preset {name!r} not found; choose one of {', '.join(choices)}")

@@ -33,12 +33,14 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from phi_train.errors import PhiTrainError
+
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = 1
 
 
-class DataError(ValueError):
+class DataError(PhiTrainError):
     """A data problem the user must fix (missing manifest, bad shard, mismatched resume state); one line."""
 
 

@@ -27,13 +27,14 @@ from phi_train.benchmarks import (
     pass_at_k,
     truncate,
 )
+from phi_train.errors import PhiTrainError
 from phi_train.grading import GraderConfig, RubricProblem, grade, load_unconventional, make_client, markdown_grades
 from phi_train.sandbox import VERDICTS, Limits, run_programs
 
 BENCHMARKS = ("humaneval", "mbpp", "custom", "unconventional")
 
 
-class EvalConfigError(ValueError):
+class EvalConfigError(PhiTrainError):
     """A bad evaluation setting or input; launch/evaluate.py prints it on one line and exits 2."""
 
 

@@ -24,10 +24,11 @@ from typing import Protocol
 import torch
 
 from phi_train.config import ConfigError, ModelConfig
+from phi_train.errors import PhiTrainError
 from phi_train.model import KVCache, PhiModel, Rotary
 
 
-class GenerateError(ValueError):
+class GenerateError(PhiTrainError):
     """Bad generation arguments; one line naming the argument, its value and what would be valid."""
 
 

@@ -30,6 +30,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from phi_train.benchmarks import HUMANEVAL_STOPS, Problem, _field, _read_jsonl, check_completions
+from phi_train.errors import PhiTrainError
 
 SCORE_MAX = 10
 PLACEHOLDERS = ("prompt", "solution", "completion", "rubric", "entry_point")
@@ -82,7 +83,7 @@ _SCORE_CLAIM = re.compile(r"^[\s*#_>`-]*(?:final\s+)?score[\s*_`]*[:=]", re.IGNO
 _SCORE_LINE = re.compile(r"^SCORE:[ \t]*(\d+)$")
 
 
-class GradingError(ValueError):
+class GradingError(PhiTrainError):
     """A bad grader setting or problem file; launch/evaluate.py prints it on one line and exits 2."""
 
 
@@ -412,7 +413,7 @@ class GraderConfig:
 
 def make_client(cfg: GraderConfig, cache_dir: str | Path | None, progress: bool = True):
     """The project's TeacherClient for this grader (imported here: only grading needs `openai`)."""
-    from data_tools.teacher import TeacherClient
+    from phi_train.teacher import TeacherClient
 
     # httpx logs every request at INFO, which floods the console next to the progress bar; failures are still
     # logged (without the key) by the teacher client as warnings.

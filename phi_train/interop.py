@@ -36,13 +36,14 @@ from pathlib import Path
 import torch
 
 from phi_train.config import ModelConfig
+from phi_train.errors import PhiTrainError
 from phi_train.model import pad_vocab
 
 EOS_PIECE = "<|endoftext|>"
 _ACTS = ("gelu_new", "gelu_pytorch_tanh")  # both are GELU's tanh approximation, what model.py's MLP computes
 
 
-class InteropError(ValueError):
+class InteropError(PhiTrainError):
     """A checkpoint or export that cannot be converted; one line naming the file or key and what is expected."""
 
 

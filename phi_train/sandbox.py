@@ -60,10 +60,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from phi_train.errors import PhiTrainError
+
 VERDICTS = ("passed", "failed", "error", "timeout", "killed")
 
 
-class SandboxError(ValueError):
+class SandboxError(PhiTrainError):
     """Bad sandbox arguments (limits out of range and the like)."""
 
 

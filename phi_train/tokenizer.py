@@ -17,11 +17,13 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from phi_train.errors import PhiTrainError
+
 EOS_PIECE = "<|endoftext|>"
 _SPM_SPACE = "\u2581"
 
 
-class TokenizerError(ValueError):
+class TokenizerError(PhiTrainError):
     """The tokenizer file is missing or is not a model this code can use; one line, names the file."""
 
 

@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import zstandard
 
-from data_tools.annotate import RubricAnnotator
-from data_tools.classify import fit_classifier
-from data_tools.codetextbook import run_pipeline, stage_counts
-from data_tools.codetextbook_config import load_config
-from data_tools.dedup import NearDedupIndex, shingles
-from data_tools.embed import HashingEmbedder, MiniLMEmbedder
+from data_tools.codetextbook.annotate import RubricAnnotator
+from data_tools.codetextbook.classify import fit_classifier
+from data_tools.codetextbook.config import load_config
+from data_tools.codetextbook.dedup import NearDedupIndex, shingles
+from data_tools.codetextbook.embed import HashingEmbedder, MiniLMEmbedder
+from data_tools.codetextbook.pipeline import run_pipeline, stage_counts
 
 REPO = Path(__file__).resolve().parent.parent
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -271,7 +271,7 @@ def test_bad_inputs_are_counted_with_reasons(tmp_path):
             "executor.tasks=1",
         ],
     )
-    from data_tools.codetextbook_config import InputConfig
+    from data_tools.codetextbook.config import InputConfig
 
     cfg.inputs = [
         InputConfig(kind="stack_jsonl", path=str(stack)),

@@ -20,15 +20,15 @@ import zstandard
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from data_tools.contamination_measures import (  # noqa: E402
+from data_tools.decontaminate.config import DecontaminateConfigError, load_config  # noqa: E402
+from data_tools.decontaminate.measures import (  # noqa: E402
     ast_match,
     code_tokens,
     normalized_tree,
     primary_function,
     split_units,
 )
-from data_tools.decontaminate import main  # noqa: E402
-from data_tools.decontaminate_config import DecontaminateConfigError, load_config  # noqa: E402
+from data_tools.decontaminate.scan import main  # noqa: E402
 from phi_train.benchmarks import load_humaneval  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

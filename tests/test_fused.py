@@ -231,32 +231,3 @@ def test_conversion_errors_are_one_line_and_name_the_key():
     bad["blocks.1.mlp.fc1.weight"] = bad["blocks.1.mlp.fc1.weight"][:10]
     with pytest.raises(InteropError, match=r"blocks\.1\.mlp\.fc1\.weight has shape \(10, 128\), expected \(384, 128\)"):
         fuse_state_dict(bad, plain.cfg)
-
-
-# --- launch/bench.py: its plumbing only (benchmarks are never run as tests, and no test asserts a time) -------------
-
-
-def test_bench_interleaves_contenders_and_rejects_bad_options(tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parent.parent
-    sys.path.insert(0, str(root / "launch"))
-    try:
-        import bench
-    finally:
-        sys.path.remove(str(root / "launch"))
-    calls: list[str] = []
-    fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
-    times = bench.interleaved(fns, rounds=3, warmup=1)
-    # one warm-up turn, then every contender once per round, the order rotated so nobody always follows the same one
-    assert "".join(calls) == "abc" + "abc" + "bca" + "cab"
-    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3, "c": 3}
-    for args, word in [(["--only", "train,nope"], "unknown section 'nope'"), (["--threads", "0"], "--threads=0")]:
-        r = subprocess.run(
-            [sys.executable, str(root / "launch" / "bench.py"), *args, "--out", str(tmp_path / "b.json")],
-            capture_output=True, text=True, timeout=60, check=False,
-        )  # fmt: skip
-        assert r.returncode == 2 and word in r.stderr and r.stderr.count("\n") == 1, r.stderr
-    assert not (tmp_path / "b.json").exists()

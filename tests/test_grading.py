@@ -239,7 +239,7 @@ def test_bad_problem_file_names_file_line_and_field(tmp_path, edit, message):
 
 
 def test_grade_retries_malformed_replies_and_a_rerun_is_free(server, tmp_path, case_file, monkeypatch):
-    from data_tools.teacher import TeacherClient
+    from phi_train.teacher import TeacherClient
 
     monkeypatch.setenv(KEY_ENV, CANARY)
     problems = load_unconventional(case_file)

@@ -3,10 +3,6 @@ GPU benchmark's engine path (run here on CPU), the MFU peak table. No test here 
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -168,69 +164,6 @@ def test_mfu_peak_matches_the_most_specific_device_name(name, peak):
     assert peak_flops_for(name) == peak
 
 
-def test_gpu_benchmark_engine_path_runs_on_cpu(tmp_path):
-    """`bench.py --gpu` measures through `engine_throughput`; on CPU the same code runs the trainer's DeepSpeed
-    engine (ZeRO-2, fp32) for both block layouts and reports a finite loss and a throughput."""
-    code = (
-        "import json, sys; sys.path.insert(0, 'launch'); import bench\n"
-        "from phi_train.config import model_config\n"
-        "rows = [bench.engine_throughput(model_config(preset='phi1_tiny', n_layer=2, vocab_size=512, fused_block=f),"
-        " 2, 64, steps=2, warmup=1, profile=f) for f in (False, True)]\n"
-        "print(json.dumps(rows))\n"
-    )
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    rows = json.loads(out.stdout.strip().splitlines()[-1])
-    for row in rows:
-        assert row["precision"] == "fp32" and row["mfu"] is None and row["peak_mem_gib"] is None
-        assert 0 < row["loss"] < 20 and row["tokens_per_s"] > 0
-    # the profile the issue asks for when phi1 is short of its MFU goal: an op table of real steps
-    assert "profile_table" not in rows[0] and "aten::" in rows[1]["profile_table"]
-    assert "Self CPU" in rows[1]["profile_table"]
-
-
-def _bench_module():
-    sys.path.insert(0, str(ROOT / "launch"))
-    try:
-        import bench
-    finally:
-        sys.path.remove(str(ROOT / "launch"))
-    return bench
-
-
-def test_gpu_head_to_head_runs_on_cpu_and_reports_markdown():
-    """`bench.py --gpu`'s ours-vs-transformers loop, run on CPU (bf16 autocast) with a tiny model: both sides train,
-    the peer is transformers, and the Markdown rows carry the verdict."""
-    bench = _bench_module()
-    row = bench.head_to_head(tiny(), micro_batch=2, seq=32, rounds=2, device="cpu")
-    assert set(row["tokens_per_s"]) == {"ours", "transformers"} and row["peer"] == "transformers"
-    assert row["skipped_peers"] == {} and row["ratio"] > 0
-    prof = {"model": "phi1", "fused": False, "micro_batch": 4, "mfu": 0.41, "table": "aten::mm  12.0ms\n"}
-    res = {
-        "machine": {"cuda": "NVIDIA H100 80GB HBM3"},
-        "gpu": [],
-        "gpu_profile": prof,
-        "gpu_peer": [{"model": "phi1", "micro_batch": 2, **row}],
-    }
-    md = bench.gpu_markdown(res)
-    assert "GPU: NVIDIA H100 80GB HBM3" in md and f"| {row['ratio']:.2f}x | ahead: " in md
-    assert "short of 55% MFU (41.0%, unfused, micro-batch 4)" in md and "aten::mm  12.0ms" in md
-
-
-def test_gpu_profile_runs_only_when_phi1_is_short_of_the_goal():
-    bench = _bench_module()
-    rows = [
-        {"model": "phi1_small", "fused": False, "micro_batch": 8, "seq": 2048, "mfu": 0.30},
-        {"model": "phi1", "fused": True, "micro_batch": 4, "seq": 2048, "mfu": 0.57},
-        {"model": "phi1", "fused": False, "micro_batch": 16, "seq": 2048, "oom": True},
-    ]
-    assert bench.gpu_profile_if_short(rows) is None  # phi1's best (57%) meets 55%: nothing to profile
-    assert bench.gpu_profile_if_short(rows[:1] + rows[2:]) is None  # no phi1 measurement (CPU: mfu is None)
-
-
 def test_resume_check_reads_checkpoints_written_before_fused_block_existed():
     from dataclasses import asdict
 
@@ -241,17 +174,3 @@ def test_resume_check_reads_checkpoints_written_before_fused_block_existed():
     check_compatible({"model": old, "vocab_size": 320, "world_size": 2}, cfg, 320, 2, "ckpt")  # unfused: fits
     with pytest.raises(ConfigError, match="model.fused_block=False \\(checkpoint\\) vs True"):
         check_compatible({"model": old, "vocab_size": 320, "world_size": 2}, tiny(fused_block=True), 320, 2, "ckpt")
-
-
-def test_kernel_bench_section_measures_every_pair_and_reports_rows():
-    """`bench.py --only kernels` (what the docs' per-GEMM table comes from): every shape timed on both libraries, the
-    LM head's backward products too, attention at three lengths; each becomes a report row. No time is asserted."""
-    bench = _bench_module()
-    res = bench.bench_kernels(quick=True)
-    assert [g["shape"] for g in res["gemm"]] == [list(s) for s in bench.GEMM_SHAPES]
-    head = next(g for g in res["gemm"] if g["shape"] == [2048, 256, 4096])
-    assert set(head["ms"]) == {"mkl", "onednn", "mkl_grad_input", "onednn_grad_input", "mkl_grad_weight",
-                               "onednn_grad_weight"}  # fmt: skip
-    assert [a["seq"] for a in res["attention_bf16"]] == [256, 512, 1024]
-    rows = bench.report_rows({"kernels": res})
-    assert len(rows) == len(bench.GEMM_SHAPES) + 2 + 3 and all(len(r) == 5 for r in rows)

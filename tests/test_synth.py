@@ -28,9 +28,9 @@ import pytest
 import zstandard
 from fakes import ChatHandler, FakeChatServer
 
-from data_tools import exercises, textbooks
-from data_tools.exercises import Exercise, parse_exercise_reply, validate
-from data_tools.synth import GENERATIONS, load_config
+from data_tools.synth import exercises, textbooks
+from data_tools.synth.common import GENERATIONS, load_config
+from data_tools.synth.exercises import Exercise, parse_exercise_reply, validate
 from phi_train.sandbox import run_programs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -233,7 +233,7 @@ def test_sigkill_then_rerun_has_no_duplicates_and_pays_nothing_twice(tmp_path):
     words = [f"w{i}" for i in range(24)]
     cfg = write_config(tmp_path / "c.yaml", teacher.url, tmp_path, chunk_size="2", tb_count="24",
                        tb_cases='["many"]', tb_words=json.dumps(words))  # fmt: skip
-    cmd = [sys.executable, "-m", "data_tools.textbooks", "--config-name", str(cfg)]
+    cmd = [sys.executable, "-m", "data_tools.synth.textbooks", "--config-name", str(cfg)]
     env = os.environ | {KEY_ENV: "sk-test-synth", "OMP_NUM_THREADS": "1"}
     gen = tmp_path / "tb_work" / GENERATIONS
     try:

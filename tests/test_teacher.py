@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 from fakes import ChatHandler, FakeChatServer
 
-from data_tools.annotate import AnnotationCache, TeacherAnnotator, annotate_cached, parse_rating
-from data_tools.teacher import TeacherClient, TeacherConfigError
+from data_tools.codetextbook.annotate import AnnotationCache, TeacherAnnotator, annotate_cached, parse_rating
+from phi_train.teacher import TeacherClient, TeacherConfigError
 
 CANARY = "sk-canary-7f3a9c1e5b2d4f60a8e1"
 KEY_ENV = "PHI_TEST_TEACHER_KEY"

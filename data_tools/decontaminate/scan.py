@@ -11,7 +11,7 @@ CodeExercises pruned at tau = 0.95 / 0.9 / 0.85 / 0.8 (42.5K to 354K of ~880K ex
       n-grams (the benchmark is the small side, so nothing is all-pairs);
     - each item is split into functions ("units"); each unit's skeleton shingles are looked up in the benchmark's
       skeleton index, and the best `candidates.max_per_problem` units per problem by containment are candidates.
-  embeddings: every unit is embedded (the pluggable embedder of data_tools.embed); scikit-learn NearestNeighbors
+  embeddings: every unit is embedded (the pluggable embedder of data_tools.codetextbook.embed); scikit-learn NearestNeighbors
     gives the `embedding.top_k` nearest units of each problem by L2: more candidates.
   exact scoring on candidates only (<= problems x (max_per_problem + top_k) pairs): AST match rate (APTED tree edit
     distance on identifier/literal-normalised trees) and the Cosmopedia difflib ratio.
@@ -38,8 +38,9 @@ import numpy as np
 import orjson
 from tqdm import tqdm
 
-from data_tools.contamination_inputs import BenchItem, load_benchmark, read_training
-from data_tools.contamination_measures import (
+from data_tools.decontaminate.config import DecontaminateConfig, DecontaminateConfigError, load_config, to_yaml
+from data_tools.decontaminate.inputs import BenchItem, load_benchmark, read_training
+from data_tools.decontaminate.measures import (
     Node,
     ast_match,
     code_tokens,
@@ -51,15 +52,10 @@ from data_tools.contamination_measures import (
     split_units,
     tree_size,
 )
-from data_tools.decontaminate_config import DecontaminateConfig, DecontaminateConfigError, load_config, to_yaml
 from data_tools.sources import SourceError
 from data_tools.tool_config import parse_cli, run_cli
 from phi_train.benchmarks import BenchmarkError
-
-
-class ReconcileError(ValueError):
-    """Counts do not add up (in != kept + removed): a bug; the message names the tau and the counts."""
-
+from phi_train.errors import ReconcileError
 
 # --- pass 1: n-grams and candidates -------------------------------------------------------------------------------
 
@@ -139,7 +135,7 @@ def nearest_by_embedding(cfg: DecontaminateConfig, bench: list[BenchItem], units
     l2^2 = 2 - 2 cos and both orders agree."""
     from sklearn.neighbors import NearestNeighbors
 
-    from data_tools.embed import embed_batched, make_embedder
+    from data_tools.codetextbook.embed import embed_batched, make_embedder
 
     e = cfg.embedding
     try:
@@ -258,7 +254,7 @@ def write_pruned(cfg: DecontaminateConfig, item_ast: dict[int, float], n_items: 
 
 
 def run(cfg: DecontaminateConfig) -> dict[str, Any]:
-    from data_tools.contamination_report import nearest_records, write_reports
+    from data_tools.decontaminate.report import nearest_records, write_reports
 
     t0 = time.perf_counter()
     out = Path(cfg.output_dir)

@@ -1,7 +1,7 @@
 """CodeExercises (phi-1 §2.2): (signature + docstring -> body) exercises with asserts, validated in the sandbox.
 
-    python -m data_tools.exercises --config-name demo                           # from the teacher LLM
-    python -m data_tools.exercises --config-name demo exercises.source=mine \\
+    python -m data_tools.synth.exercises --config-name demo                           # from the teacher LLM
+    python -m data_tools.synth.exercises --config-name demo exercises.source=mine \\
         'exercises.mine.inputs=[data/demo/codetextbook]'                          # offline, from real code
 
 phi-1 fine-tunes on ~180M tokens of GPT-3.5-written exercises, each "a docstring of a function that needs to be
@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from data_tools.dedup import NearDedupIndex
-from data_tools.synth import (
+from data_tools.codetextbook.dedup import NearDedupIndex
+from data_tools.synth.common import (
     GENERATIONS,
     GenerationStore,
     Item,
@@ -58,7 +58,7 @@ from data_tools.synth import (
     to_yaml,
     write_jsonl,
 )
-from data_tools.textbooks import code_blocks
+from data_tools.synth.textbooks import code_blocks
 from data_tools.tool_config import parse_cli, run_cli
 
 BUILTINS = frozenset(dir(builtins))

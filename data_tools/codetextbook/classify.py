@@ -20,12 +20,13 @@ from sklearn.metrics import accuracy_score, roc_auc_score
 from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
-from data_tools.clean import DROP
-from data_tools.dedup import code_tokens
-from data_tools.embed import embed_batched, make_embedder
+from data_tools.codetextbook.clean import DROP
+from data_tools.codetextbook.dedup import code_tokens
+from data_tools.codetextbook.embed import embed_batched, make_embedder
+from phi_train.errors import PhiTrainError
 
 
-class ClassifierError(ValueError):
+class ClassifierError(PhiTrainError):
     """The annotations cannot train a classifier (too few, one class only); the message says what to change."""
 
 

@@ -7,26 +7,25 @@ structured merge, so an unknown key or a value of the wrong type fails at start;
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from omegaconf import MISSING
 
 from data_tools.tool_config import config_path, load, to_yaml  # noqa: F401  (to_yaml: re-exported for callers)
+from phi_train.errors import CONF_ROOT, PhiTrainError, require
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf" / "decontaminate"
+CONF_DIR = CONF_ROOT / "decontaminate"
 BENCHMARKS = ("humaneval", "mbpp", "custom")
 EMBEDDERS = ("minilm", "hashing", "phi_train")
 AST_METHODS = ("ted", "sequence")
 
 
-class DecontaminateConfigError(ValueError):
+class DecontaminateConfigError(PhiTrainError):
     """A user mistake in the decontamination configuration; the CLI prints it on one line and exits 2."""
 
 
-def _require(ok: bool, msg: str) -> None:
-    if not ok:
-        raise DecontaminateConfigError(msg)
+_require = functools.partial(require, error=DecontaminateConfigError)
 
 
 @dataclass

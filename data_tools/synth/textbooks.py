@@ -1,6 +1,6 @@
 """Synthetic textbooks (phi-1 §2.2) from any OpenAI-compatible teacher.
 
-    python -m data_tools.textbooks --config-name demo [key=value ...]
+    python -m data_tools.synth.textbooks --config-name demo [key=value ...]
 
 phi-1's synthetic textbook set is <1B tokens of GPT-3.5-written "textbook" text interleaved with code, made diverse by
 constraining topic and target audience. Here each prompt is a template with seeds drawn reproducibly from
@@ -8,7 +8,7 @@ constraining topic and target audience. Here each prompt is a template with seed
 
 Steps: draw items -> ask the teacher for the missing ones (resumable, `data_tools.synth.run_generation`) ->
 post-process every reply (code blocks extracted; kept only if it has code and every block parses with `ast`; long
-enough) -> near-dedup (MinHash, `data_tools.dedup`) -> `output_dir/textbooks.jsonl.zst` with `text` (what
+enough) -> near-dedup (MinHash, `data_tools.codetextbook.dedup`) -> `output_dir/textbooks.jsonl.zst` with `text` (what
 `python -m data_tools.shard` reads) and provenance (template, seeds, teacher model). Post-processing reads the whole
 generations file each run, so its output is always complete and duplicate-free. Counts reconcile twice:
 requested == generated + failed per reason; generated == kept + dropped per reason.
@@ -25,8 +25,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from data_tools.dedup import NearDedupIndex
-from data_tools.synth import (
+from data_tools.codetextbook.dedup import NearDedupIndex
+from data_tools.synth.common import (
     GENERATIONS,
     GenerationStore,
     Item,

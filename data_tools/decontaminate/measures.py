@@ -23,7 +23,7 @@ import textwrap
 import tokenize
 from dataclasses import dataclass
 
-from data_tools.dedup import code_tokens as regex_tokens
+from data_tools.codetextbook.dedup import code_tokens as regex_tokens
 
 _SKIP = {tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER}
 _SKIP |= {tokenize.ENCODING}
@@ -40,7 +40,7 @@ class Token:
 
 
 def code_tokens(code: str) -> tuple[list[Token], bool]:
-    """(tokens, tokenized): `tokenize`-based; on code it cannot tokenize, the regex tokens of data_tools.dedup
+    """(tokens, tokenized): `tokenize`-based; on code it cannot tokenize, the regex tokens of data_tools.codetextbook.dedup
     (all with row 0) and False, so broken code is still compared, and counted by the caller."""
     out: list[Token] = []
     try:

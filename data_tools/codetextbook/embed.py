@@ -43,7 +43,7 @@ class HashingEmbedder:
     def __init__(self, dim: int = 512) -> None:
         from sklearn.feature_extraction.text import HashingVectorizer
 
-        from data_tools.dedup import TOKEN_RE
+        from data_tools.codetextbook.dedup import TOKEN_RE
 
         self.vec = HashingVectorizer(
             n_features=dim, token_pattern=TOKEN_RE.pattern, lowercase=False, alternate_sign=False

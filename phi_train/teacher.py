@@ -28,12 +28,14 @@ from typing import Any
 import openai
 from tqdm import tqdm
 
+from phi_train.errors import PhiTrainError
+
 log = logging.getLogger(__name__)
 
 Messages = list[dict[str, str]]
 
 
-class TeacherConfigError(ValueError):
+class TeacherConfigError(PhiTrainError):
     """A misconfigured teacher (missing key variable, bad limits); printed on one line."""
 
 

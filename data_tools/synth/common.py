@@ -11,12 +11,13 @@ are missing, and a torn last line (SIGKILL mid-write) is cut off before appendin
 Teacher failures are *not* written (they may be transient and the teacher's cache only holds successes): the next run
 retries them. Counts reconcile: requested == generated + sum(failed per reason).
 
-Both `data_tools.textbooks` and `data_tools.exercises` read one YAML (`conf/synth/<name>.yaml`, which may name a
+Both `data_tools.synth.textbooks` and `data_tools.synth.exercises` read one YAML (`conf/synth/<name>.yaml`, which may name a
 base file with `extends: <name>`) into `SynthConfig`, with `key=value` overrides; errors are one-line `SynthConfigError`s.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -30,25 +31,20 @@ from typing import Any
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from data_tools.codetextbook_config import DedupConfig, TeacherConfig
+from data_tools.codetextbook.config import DedupConfig, TeacherConfig
 from data_tools.tool_config import config_path, fail, load, to_yaml  # noqa: F401  (fail, to_yaml: re-exported)
+from phi_train.errors import CONF_ROOT, PhiTrainError, ReconcileError, require
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf" / "synth"
+CONF_DIR = CONF_ROOT / "synth"
 GENERATIONS = "generations.jsonl"
 REPLACED_KEYS = ("templates", "topics")
 
 
-class SynthConfigError(ValueError):
+class SynthConfigError(PhiTrainError):
     """A bad synth config key/value or input file; printed on one line by the CLIs (exit 2)."""
 
 
-class ReconcileError(ValueError):
-    """Counts do not add up: a bug. The message names the stage and the numbers."""
-
-
-def _require(ok: bool, msg: str) -> None:
-    if not ok:
-        raise SynthConfigError(msg)
+_require = functools.partial(require, error=SynthConfigError)
 
 
 # --- config ---------------------------------------------------------------------------------------------------------
@@ -322,7 +318,7 @@ class GenerationCounts:
 
 
 def make_client(t: TeacherConfig, cache_dir: str | Path):
-    from data_tools.teacher import TeacherClient
+    from phi_train.teacher import TeacherClient
 
     return TeacherClient.from_config(t, cache_dir)
 
@@ -413,8 +409,8 @@ def print_summary(title: str, rows: list[tuple[str, Any]]) -> None:
 
 def cli_errors() -> tuple[type[Exception], ...]:
     """The exceptions the synth CLIs print on one line and exit 2 for."""
-    from data_tools.codetextbook_config import CodeTextbookConfigError
+    from data_tools.codetextbook.config import CodeTextbookConfigError
     from data_tools.sources import SourceError
-    from data_tools.teacher import TeacherConfigError
+    from phi_train.teacher import TeacherConfigError
 
     return (SynthConfigError, ReconcileError, TeacherConfigError, CodeTextbookConfigError, SourceError)

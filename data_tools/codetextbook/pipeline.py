@@ -21,7 +21,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from data_tools.codetextbook_config import (
+from data_tools.codetextbook.config import (
     AnnotateConfig,
     CodeTextbookConfig,
     CodeTextbookConfigError,
@@ -30,14 +30,16 @@ from data_tools.codetextbook_config import (
     to_yaml,
 )
 from data_tools.tool_config import parse_cli, run_cli
-
-
-class ReconcileError(ValueError):
-    """Counts do not add up (in != kept + dropped): a bug or a partial run; the message names the stage."""
+from phi_train.errors import ReconcileError
 
 
 def make_readers(inputs: list[InputConfig], max_bytes: int, progress: bool) -> list:
-    from data_tools.readers import PythonFilesReader, StackJsonlReader, StackOverflowReader, StackParquetReader
+    from data_tools.codetextbook.readers import (
+        PythonFilesReader,
+        StackJsonlReader,
+        StackOverflowReader,
+        StackParquetReader,
+    )
 
     readers = []
     for inp in inputs:
@@ -55,8 +57,8 @@ def make_readers(inputs: list[InputConfig], max_bytes: int, progress: bool) -> l
 
 def build_annotator(cfg: AnnotateConfig, cache_dir: str, progress: bool):
     """Factory run inside the annotate task: the teacher client (and the key it reads) never lives in the step."""
-    from data_tools.annotate import RubricAnnotator, TeacherAnnotator
-    from data_tools.teacher import TeacherClient
+    from data_tools.codetextbook.annotate import RubricAnnotator, TeacherAnnotator
+    from phi_train.teacher import TeacherClient
 
     if cfg.annotator == "rubric":
         return RubricAnnotator()
@@ -72,10 +74,10 @@ def stage_pipelines(cfg: CodeTextbookConfig) -> dict[str, tuple[list, int]]:
     from datatrove.pipeline.readers import JsonlReader
     from datatrove.pipeline.writers import JsonlWriter
 
-    from data_tools.annotate import AnnotateSample
-    from data_tools.classify import ScoreFilter, TrainClassifier, output_record
-    from data_tools.clean import CodeCleaner
-    from data_tools.dedup import SHARD_KEY, Deduplicator
+    from data_tools.codetextbook.annotate import AnnotateSample
+    from data_tools.codetextbook.classify import ScoreFilter, TrainClassifier, output_record
+    from data_tools.codetextbook.clean import CodeCleaner
+    from data_tools.codetextbook.dedup import SHARD_KEY, Deduplicator
 
     w, c, p = Path(cfg.work_dir), cfg.clean, cfg.progress
     n = cfg.executor.tasks
@@ -287,8 +289,8 @@ def run_pipeline(cfg: CodeTextbookConfig) -> dict[str, Any] | None:
 def main(argv: list[str] | None = None) -> int:
     flags = {"--summary-only": "recompute the summary of a finished run"}
     args = parse_cli("codetextbook", __doc__, "codetextbook", "annotate.sample_size=200", argv, flags)
-    from data_tools.classify import ClassifierError  # after parsing: `--help` stays fast
-    from data_tools.teacher import TeacherConfigError
+    from data_tools.codetextbook.classify import ClassifierError  # after parsing: `--help` stays fast
+    from phi_train.teacher import TeacherConfigError
 
     def run(cfg: CodeTextbookConfig) -> None:
         if args.summary_only:

@@ -22,8 +22,8 @@ from datatrove.data import DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 from tqdm import tqdm
 
-from data_tools.clean import literal_fraction
-from data_tools.teacher import TeacherClient
+from data_tools.codetextbook.clean import literal_fraction
+from phi_train.teacher import TeacherClient
 
 RATING_RE = re.compile(
     r"^\s*(?:score|rating|educational value)?\s*[:=]?\s*(\d{1,2})(?:\s*/\s*10)?\s*\.?\s*$", re.IGNORECASE

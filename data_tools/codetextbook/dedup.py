@@ -21,7 +21,7 @@ from datatrove.data import DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 from tqdm import tqdm
 
-from data_tools.clean import DROP
+from data_tools.codetextbook.clean import DROP
 
 TOKEN_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|\d+|\S")
 SHARD_KEY = "dedup_shard"

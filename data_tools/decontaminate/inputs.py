@@ -10,7 +10,8 @@ from pathlib import Path
 
 import orjson
 
-from data_tools.contamination_measures import (
+from data_tools.decontaminate.config import DecontaminateConfig, DecontaminateConfigError
+from data_tools.decontaminate.measures import (
     Node,
     code_tokens,
     ngrams,
@@ -19,7 +20,6 @@ from data_tools.contamination_measures import (
     skeleton,
     tree_size,
 )
-from data_tools.decontaminate_config import DecontaminateConfig, DecontaminateConfigError
 from data_tools.sources import SourceError, _open_text_lines, iter_documents
 from phi_train import benchmarks
 from phi_train.benchmarks import Problem

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from data_tools.contamination_inputs import BenchItem
-    from data_tools.decontaminate import PairScore, ScanResult
-    from data_tools.decontaminate_config import DecontaminateConfig
+    from data_tools.decontaminate.config import DecontaminateConfig
+    from data_tools.decontaminate.inputs import BenchItem
+    from data_tools.decontaminate.scan import PairScore, ScanResult
 
 PLOT = "removed_vs_tau.png"
 

@@ -7,14 +7,15 @@ Loaded by OmegaConf structured merge: `conf/codetextbook/<name>.yaml` and `key=v
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from omegaconf import MISSING
 
 from data_tools.tool_config import config_path, load, to_yaml  # noqa: F401  (to_yaml: re-exported for callers)
+from phi_train.errors import CONF_ROOT, PhiTrainError, require
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf" / "codetextbook"
+CONF_DIR = CONF_ROOT / "codetextbook"
 INPUT_KINDS = ("python_files", "stack_jsonl", "stack_parquet", "stackoverflow_jsonl")
 STAGES = ("clean", "dedup", "annotate", "train", "filter")
 EMBEDDERS = ("minilm", "hashing", "phi_train")
@@ -32,13 +33,11 @@ PHI1_PROMPT = (
 )
 
 
-class CodeTextbookConfigError(ValueError):
+class CodeTextbookConfigError(PhiTrainError):
     """A user mistake in the pipeline configuration; the CLI prints it on one line and exits 2."""
 
 
-def _require(ok: bool, msg: str) -> None:
-    if not ok:
-        raise CodeTextbookConfigError(msg)
+_require = functools.partial(require, error=CodeTextbookConfigError)
 
 
 @dataclass
