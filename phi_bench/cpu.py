@@ -236,9 +236,16 @@ def bench_kernels(quick: bool) -> dict:
                 "onednn_grad_weight": lambda g=g, a=a: _gemm(a.t(), g.t()).t(),
             }
         with torch.no_grad():
+            # a speed-up only counts if both libraries compute the same product: the worst relative difference per pair
+            outs = {key: fn() for key, fn in fns.items()}
+            err = {
+                key: float((outs[f"onednn{key[3:]}"] - out).abs().max() / out.abs().max().clamp_min(1e-30))
+                for key, out in outs.items()
+                if key.startswith("mkl")
+            }
             times = interleaved(fns, rounds=rounds, warmup=2, desc=f"gemm {m}x{k}->{n}")
         ms = {key: 1e3 * median(v) for key, v in times.items()}
-        gemms.append({"shape": [m, k, n], "ms": ms, "onednn_speedup": ms["mkl"] / ms["onednn"]})
+        gemms.append({"shape": [m, k, n], "ms": ms, "onednn_speedup": ms["mkl"] / ms["onednn"], "max_rel_err": err})
     attention = []
     for batch, heads, seq in ((8, 4, 256), (4, 4, 512), (2, 4, 1024)):
         q, k, v = (torch.randn(batch, heads, seq, 64, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))

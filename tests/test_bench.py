@@ -29,6 +29,10 @@ def test_gpu_benchmark_engine_path_runs_on_cpu(tmp_path):
         "from phi_train.config import model_config\n"
         "rows = [engine_throughput(model_config(preset='phi1_tiny', n_layer=2, vocab_size=512, fused_block=f),"
         " 2, 64, steps=2, warmup=1, profile=f) for f in (False, True)]\n"
+        "from phi_bench.gpu import gpu_profile_if_short\n"
+        # phi1 measured short of its goal: the profile runs (phi1 shrunk to one layer so that CPU can afford it)
+        "short = [{'model': 'phi1', 'fused': True, 'micro_batch': 2, 'seq': 32, 'mfu': 0.3}]\n"
+        "rows.append(gpu_profile_if_short(short, n_layer=1, d_model=128, n_head=2, d_mlp=256, vocab_size=512))\n"
         "print(json.dumps(rows))\n"
     )
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -36,7 +40,11 @@ def test_gpu_benchmark_engine_path_runs_on_cpu(tmp_path):
         [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    rows = json.loads(out.stdout.strip().splitlines()[-1])
+    *rows, profiled = json.loads(out.stdout.strip().splitlines()[-1])
+    assert {k: profiled[k] for k in ("model", "fused", "micro_batch", "mfu")} == {
+        "model": "phi1", "fused": True, "micro_batch": 2, "mfu": 0.3
+    }  # fmt: skip
+    assert "aten::" in profiled["table"] and "Self CPU" in profiled["table"]
     for row in rows:
         assert row["precision"] == "fp32" and row["mfu"] is None and row["peak_mem_gib"] is None
         assert 0 < row["loss"] < 20 and row["tokens_per_s"] > 0
@@ -63,7 +71,8 @@ def test_gpu_head_to_head_runs_on_cpu_and_reports_markdown():
     assert "short of 55% MFU (41.0%, unfused, micro-batch 4)" in md and "aten::mm  12.0ms" in md
 
 
-def test_gpu_profile_runs_only_when_phi1_is_short_of_the_goal():
+def test_gpu_profile_is_skipped_when_phi1_meets_the_goal_or_was_not_measured():
+    """The other half of the rule (the profile of a short phi1 runs in test_gpu_benchmark_engine_path_runs_on_cpu)."""
     rows = [
         {"model": "phi1_small", "fused": False, "micro_batch": 8, "seq": 2048, "mfu": 0.30},
         {"model": "phi1", "fused": True, "micro_batch": 4, "seq": 2048, "mfu": 0.57},
@@ -73,10 +82,13 @@ def test_gpu_profile_runs_only_when_phi1_is_short_of_the_goal():
     assert gpu.gpu_profile_if_short(rows[:1] + rows[2:]) is None  # no phi1 measurement (CPU: mfu is None)
 
 
-def test_kernel_bench_section_measures_every_pair_and_reports_rows():
+def test_kernel_bench_section_compares_equal_products_and_reports_rows():
     """`bench.py --only kernels` (what the docs' per-GEMM table comes from): every shape timed on both libraries, the
-    LM head's backward products too, attention at three lengths; each becomes a report row. No time is asserted."""
+    LM head's backward products too, attention at three lengths; each becomes a report row. No time is asserted, but
+    each pair must compute the same product (fp32, up to summation order), or its speed-up would mean nothing."""
     res = cpu.bench_kernels(quick=True)
+    for g in res["gemm"]:
+        assert g["max_rel_err"] and all(0 <= e < 1e-5 for e in g["max_rel_err"].values()), g
     assert [g["shape"] for g in res["gemm"]] == [list(s) for s in cpu.GEMM_SHAPES]
     head = next(g for g in res["gemm"] if g["shape"] == [2048, 256, 4096])
     assert set(head["ms"]) == {"mkl", "onednn", "mkl_grad_input", "onednn_grad_input", "mkl_grad_weight",
