@@ -1,7 +1,7 @@
 """Tokenize documents into fixed-length webdataset shards.
 
-`python -m data_tools.shard --input PATH [PATH...] --tokenizer DIR/tokenizer.model --out OUTDIR --seq-len 256
-[--shard-sequences 512] [--val-fraction 0.02] [--workers 2] [--seed 0]`
+`python -m data_tools.shard input=[PATH,...] tokenizer=DIR/tokenizer.model out=OUTDIR seq_len=256
+[shard_sequences=512 val_fraction=0.02 workers=2 seed=0 text_field=text prompt_field=null]` (`ShardConfig`).
 
 Layout (docs/data.md has the full contract):
 - Every document is tokenized and followed by `<|endoftext|>`; the documents of a split are concatenated into one
@@ -12,13 +12,12 @@ Layout (docs/data.md has the full contract):
   `tokens` counts every document token plus one EOS per document and `tail_tokens_dropped` counts the tokens that
   appear in no sequence at all (the incomplete tail).
 - Train/val membership is a hash of the document id (not of its position), so adding documents or changing
-  `--workers` never moves a document between splits and val never leaks into train.
+  `workers` never moves a document between splits and val never leaks into train.
 - `OUTDIR/manifest.json` is written last, atomically: a directory with a manifest is complete.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
@@ -33,9 +32,11 @@ from pathlib import Path
 
 import numpy as np
 import webdataset as wds
+from omegaconf import MISSING
 from tqdm import tqdm
 
 from data_tools.sources import iter_documents
+from phi_train.cli import hydra_command
 from phi_train.errors import PhiTrainError
 from phi_train.tokenizer import Tokenizer, file_sha256
 
@@ -288,13 +289,13 @@ def write_shards(
     for fine-tuning (PackedWriter); without it, documents are concatenated for pretraining (SplitWriter).
     """
     if seq_len < 1:
-        raise ShardError(f"--seq-len={seq_len} must be >= 1")
+        raise ShardError(f"seq_len={seq_len} must be >= 1")
     if shard_sequences < 1:
-        raise ShardError(f"--shard-sequences={shard_sequences} must be >= 1")
+        raise ShardError(f"shard_sequences={shard_sequences} must be >= 1")
     if not 0.0 <= val_fraction < 1.0:
-        raise ShardError(f"--val-fraction={val_fraction} must be in [0, 1)")
+        raise ShardError(f"val_fraction={val_fraction} must be in [0, 1)")
     if workers < 1:
-        raise ShardError(f"--workers={workers} must be >= 1")
+        raise ShardError(f"workers={workers} must be >= 1")
     tok = Tokenizer(tokenizer_path)
     dropped: Counter = Counter()
     docs = iter_documents(inputs, text_field=text_field, dropped=dropped, prompt_field=prompt_field)
@@ -370,41 +371,45 @@ def print_summary(manifest: dict, out_dir: str) -> None:
     console.print(f"dropped documents: {manifest['dropped'] or 'none'}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m data_tools.shard", description=__doc__.splitlines()[0])
-    ap.add_argument("--input", nargs="+", required=True, help="JSONL(.zst) files or directories of .py files")
-    ap.add_argument("--tokenizer", required=True, help="tokenizer.model from data_tools.tokenizer")
-    ap.add_argument("--out", required=True, help="output directory for shards and manifest.json")
-    ap.add_argument("--seq-len", type=int, required=True)
-    ap.add_argument("--shard-sequences", type=int, default=512, help="sequences per tar shard")
-    ap.add_argument("--val-fraction", type=float, default=0.02)
-    ap.add_argument("--workers", type=int, default=2, help="tokenizer processes")
-    ap.add_argument("--seed", type=int, default=0, help="mixed into the train/val hash")
-    ap.add_argument("--text-field", default="text", help="the document (or, with --prompt-field, the completion)")
-    ap.add_argument(
-        "--prompt-field",
-        default=None,
-        help="fine-tuning pairs: JSONL records with this prompt field; loss only on the completion (e.g. prompt)",
+@dataclass
+class ShardConfig:
+    """`python -m data_tools.shard` (defaults <- `key=value` overrides)."""
+
+    input: list[str] = MISSING
+    """JSONL(.zst) files or directories of .py files."""
+    tokenizer: str = MISSING
+    """tokenizer.model from data_tools.tokenizer."""
+    out: str = MISSING
+    """Output directory for the shards and manifest.json."""
+    seq_len: int = MISSING
+    shard_sequences: int = 512
+    """Sequences per tar shard."""
+    val_fraction: float = 0.02
+    workers: int = 2
+    """Tokenizer processes."""
+    seed: int = 0
+    """Mixed into the train/val hash."""
+    text_field: str = "text"
+    """The document field (or, with prompt_field, the completion)."""
+    prompt_field: str | None = None
+    """Fine-tuning pairs: JSONL records with this prompt field; the loss is on the completion only (e.g. prompt)."""
+
+
+@hydra_command(ShardConfig, "shard")
+def main(cfg: ShardConfig) -> None:
+    manifest = write_shards(
+        cfg.input,
+        cfg.tokenizer,
+        cfg.out,
+        seq_len=cfg.seq_len,
+        shard_sequences=cfg.shard_sequences,
+        val_fraction=cfg.val_fraction,
+        workers=cfg.workers,
+        seed=cfg.seed,
+        text_field=cfg.text_field,
+        prompt_field=cfg.prompt_field,
     )
-    args = ap.parse_args(argv)
-    try:
-        manifest = write_shards(
-            args.input,
-            args.tokenizer,
-            args.out,
-            seq_len=args.seq_len,
-            shard_sequences=args.shard_sequences,
-            val_fraction=args.val_fraction,
-            workers=args.workers,
-            seed=args.seed,
-            text_field=args.text_field,
-            prompt_field=args.prompt_field,
-        )
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print_summary(manifest, args.out)
-    return 0
+    print_summary(manifest, cfg.out)
 
 
 if __name__ == "__main__":

@@ -1,26 +1,28 @@
-"""Train the code tokenizer: `python -m data_tools.tokenizer --input PATH [PATH...] --out DIR --vocab-size 8192`.
+"""Train the code tokenizer: `python -m data_tools.tokenizer input=[PATH,...] out=DIR vocab_size=8192`.
 
 SentencePiece BPE with code-safe settings (see `phi_train/tokenizer.py` for why each one matters). SentencePiece trains
 on "sentences"; we feed it the corpus line by line (a newline is its own user-defined piece, so it never has to be
-learned from data), cutting lines longer than `--max-sentence-length` into chunks instead of letting the trainer skip
+learned from data), cutting lines longer than `max_sentence_length` into chunks instead of letting the trainer skip
 them. After training, every training document is encoded and decoded again and the CLI fails if a single one does not
 come back byte for byte.
 """
 
 from __future__ import annotations
 
-import argparse
 import io
 import random
 import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import sentencepiece as spm
+from omegaconf import MISSING
 from tqdm import tqdm
 
 from data_tools.sources import iter_documents
+from phi_train.cli import hydra_command
 from phi_train.errors import PhiTrainError
 from phi_train.tokenizer import EOS_PIECE, Tokenizer
 
@@ -66,9 +68,7 @@ def train_tokenizer(
     """Train a BPE model on `texts` and write `out_dir/tokenizer.model`; return its path."""
     if vocab_size < 300:
         # 256 byte pieces + specials must fit, with room left for merges.
-        raise TrainError(
-            f"--vocab-size={vocab_size} is too small: it must be >= 300 (256 byte-fallback pieces + merges)"
-        )
+        raise TrainError(f"vocab_size={vocab_size} is too small: it must be >= 300 (256 byte-fallback pieces + merges)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = io.BytesIO()
@@ -102,7 +102,7 @@ def train_tokenizer(
     except RuntimeError as exc:
         # e.g. "Vocabulary size too high (8192). Please set it to a value <= 5123."
         msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        raise TrainError(f"SentencePiece training failed for --vocab-size={vocab_size}: {msg}") from None
+        raise TrainError(f"SentencePiece training failed for vocab_size={vocab_size}: {msg}") from None
     path = out / "tokenizer.model"
     tmp = path.with_suffix(".model.tmp")
     tmp.write_bytes(model.getvalue())
@@ -119,40 +119,48 @@ def round_trip_failures(tok: Tokenizer, texts: list[str]) -> list[int]:
     return bad
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m data_tools.tokenizer", description=__doc__.splitlines()[0])
-    ap.add_argument("--input", nargs="+", required=True, help="JSONL(.zst) files or directories of .py files")
-    ap.add_argument("--out", required=True, help="directory for tokenizer.model")
-    ap.add_argument("--vocab-size", type=int, default=8192)
-    ap.add_argument("--max-sentence-length", type=int, default=8192, help="longer lines are cut into chunks")
-    ap.add_argument("--sample-docs", type=int, default=None, help="train on a uniform sample of this many documents")
-    ap.add_argument("--text-field", default="text", help="JSON field holding the text of JSONL inputs")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args(argv)
-    try:
-        if args.sample_docs is not None and args.sample_docs < 1:
-            raise TrainError(f"--sample-docs={args.sample_docs} must be >= 1")
-        if args.max_sentence_length < 16:
-            raise TrainError(f"--max-sentence-length={args.max_sentence_length} must be >= 16")
-        dropped: Counter = Counter()
-        docs = iter_documents(args.input, text_field=args.text_field, dropped=dropped)
-        docs = tqdm(docs, desc="reading", unit="doc")
-        texts = [d["text"] for d in sample_documents(docs, args.sample_docs, args.seed)]
-        if not texts:
-            raise TrainError(f"no documents found in {args.input} (dropped: {dict(dropped) or 'none'})")
-        path = train_tokenizer(
-            texts,
-            args.out,
-            vocab_size=args.vocab_size,
-            max_sentence_length=args.max_sentence_length,
-            num_threads=args.threads,
-        )
-        tok = Tokenizer(path)
-        bad = round_trip_failures(tok, texts)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+@dataclass
+class TokenizerTrainConfig:
+    """`python -m data_tools.tokenizer` (defaults <- `key=value` overrides)."""
+
+    input: list[str] = MISSING
+    """JSONL(.zst) files or directories of .py files."""
+    out: str = MISSING
+    """Directory for tokenizer.model."""
+    vocab_size: int = 8192
+    max_sentence_length: int = 8192
+    """Longer lines are cut into chunks."""
+    sample_docs: int | None = None
+    """Train on a uniform sample of this many documents (null: all)."""
+    text_field: str = "text"
+    """JSON field holding the text of JSONL inputs."""
+    seed: int = 0
+    threads: int = 2
+
+    def __post_init__(self) -> None:
+        if self.sample_docs is not None and self.sample_docs < 1:
+            raise TrainError(f"sample_docs={self.sample_docs} must be >= 1 (or null: every document)")
+        if self.max_sentence_length < 16:
+            raise TrainError(f"max_sentence_length={self.max_sentence_length} must be >= 16")
+
+
+@hydra_command(TokenizerTrainConfig, "tokenizer")
+def main(cfg: TokenizerTrainConfig) -> int:
+    dropped: Counter = Counter()
+    docs = iter_documents(cfg.input, text_field=cfg.text_field, dropped=dropped)
+    docs = tqdm(docs, desc="reading", unit="doc")
+    texts = [d["text"] for d in sample_documents(docs, cfg.sample_docs, cfg.seed)]
+    if not texts:
+        raise TrainError(f"no documents found in {cfg.input} (dropped: {dict(dropped) or 'none'})")
+    path = train_tokenizer(
+        texts,
+        cfg.out,
+        vocab_size=cfg.vocab_size,
+        max_sentence_length=cfg.max_sentence_length,
+        num_threads=cfg.threads,
+    )
+    tok = Tokenizer(path)
+    bad = round_trip_failures(tok, texts)
     print(f"wrote {path} (vocab_size={tok.vocab_size}, eos_id={tok.eos_id}, sha256={tok.sha256[:12]})")
     print(f"trained on {len(texts)} documents; dropped: {dict(dropped) or 'none'}")
     if bad:

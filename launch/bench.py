@@ -1,6 +1,6 @@
 """Speed benchmarks against peers (see `phi_bench/cli.py` for the sections and docs/benchmarks.md for the figures).
 
-python launch/bench.py [--quick] [--only train,generate,kernels,data,tokenizer,sandbox] [--gpu] [--markdown]
+python launch/bench.py [quick=true] [only=[train,generate,kernels,data,tokenizer,sandbox]] [gpu=true] [markdown=true]
 """
 
 import sys

@@ -11,34 +11,17 @@ Writes samples.jsonl, summary.json, summary.md and config.json to eval.out_dir (
 
 import sys
 
-import hydra
-from omegaconf import DictConfig, OmegaConf
-
-from phi_train.benchmarks import BenchmarkError
-from phi_train.evaluate import EvalConfigError, register_configs, run
-from phi_train.grading import GradingError
-from phi_train.sandbox import SandboxError
+from phi_train.cli import hydra_command
+from phi_train.errors import CONF_ROOT
+from phi_train.evaluate import EvaluateConfig, register_configs, run
 
 register_configs()
 
 
-def to_eval_config(cfg: DictConfig):
-    try:
-        return OmegaConf.to_object(cfg).eval
-    except EvalConfigError:
-        raise
-    except Exception as exc:  # noqa: BLE001 -- omegaconf's own validation (missing value, wrong type): keep the message, drop the trace
-        raise EvalConfigError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
-
-
-@hydra.main(version_base=None, config_path="../conf", config_name="evaluate")
-def main(cfg: DictConfig) -> None:
-    try:
-        run(to_eval_config(cfg))
-    except (EvalConfigError, BenchmarkError, SandboxError, GradingError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+@hydra_command(EvaluateConfig, "evaluate", CONF_ROOT, schema_name="evaluate_schema")
+def main(cfg: EvaluateConfig) -> None:
+    run(cfg.eval)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -9,7 +9,6 @@ Config precedence: dataclass defaults (phi_train/config.py) <- conf/*.yaml <- th
 
 import os
 import sys
-from pathlib import Path
 
 
 def take_local_rank(argv: list[str]) -> list[str]:
@@ -30,39 +29,33 @@ def take_local_rank(argv: list[str]) -> list[str]:
 
 sys.argv = take_local_rank(sys.argv)
 
-import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from phi_train.config import ConfigError, check_override, register_configs  # noqa: E402
-from phi_train.data import DataError  # noqa: E402
+from phi_train.cli import hydra_command  # noqa: E402
+from phi_train.config import Config, ConfigError, check_override, register_configs  # noqa: E402
+from phi_train.errors import CONF_ROOT, report  # noqa: E402
 
 register_configs()
-CONF = Path(__file__).resolve().parent.parent / "conf"
 
 
-def fail(msg: str) -> None:
-    if os.environ.get("RANK", "0") == "0":
-        print(f"error: {msg}", file=sys.stderr, flush=True)
-    sys.exit(2)
-
-
-@hydra.main(config_path=str(CONF), config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def model_chosen(cfg: DictConfig) -> None:
     if OmegaConf.is_missing(cfg, "model"):
-        choices = ", ".join(sorted(p.stem for p in (CONF / "model").glob("*.yaml")))
-        fail(f"no model chosen: add +model=NAME with NAME one of {choices}")
-    try:
-        from phi_train.trainer import Trainer
+        choices = ", ".join(sorted(p.stem for p in (CONF_ROOT / "model").glob("*.yaml")))
+        raise ConfigError(f"no model chosen: add +model=NAME with NAME one of {choices}")
 
-        Trainer(cfg).fit()
-    except (ConfigError, DataError) as exc:
-        fail(str(exc))
+
+# typed=False: the trainer takes the DictConfig, to save it resolved next to the run; outputs: the run directories
+@hydra_command(Config, "config", CONF_ROOT, schema_name="config_schema", typed=False, outputs=True, check=model_chosen)
+def main(cfg: DictConfig) -> None:
+    from phi_train.trainer import Trainer
+
+    Trainer(cfg).fit()
 
 
 if __name__ == "__main__":
     try:
         for arg in sys.argv[1:]:
-            check_override(arg)
+            check_override(arg)  # keys that moved (model.attention -> kernels.attention) get pointed at the new one
     except ConfigError as exc:
-        fail(str(exc))
-    main()
+        sys.exit(report(exc))
+    sys.exit(main())

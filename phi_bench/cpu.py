@@ -21,14 +21,15 @@ def _train_sizes(quick: bool) -> list[dict]:
     return [tiny] if quick else [tiny, larger]
 
 
-def _our_cfg(size: dict, vocab: int, fused: bool = False, cpu_matmul: str = "onednn"):
+def _our_model(size: dict, vocab: int, fused: bool = False, cpu_matmul: str = "onednn"):
     from phi_train.config import ModelConfig
+    from phi_train.model import PhiModel
 
-    return ModelConfig(
+    cfg = ModelConfig(
         name=size["name"], n_layer=size["n_layer"], d_model=size["d_model"], n_head=size["n_head"],
-        d_mlp=size["d_mlp"], vocab_size=vocab, max_seq_len=max(size["seq"], 256), attention="sdpa", fused_block=fused,
-        cpu_matmul=cpu_matmul,
+        d_mlp=size["d_mlp"], vocab_size=vocab, max_seq_len=max(size["seq"], 256), fused_block=fused,
     )  # fmt: skip
+    return PhiModel(cfg, attention="sdpa", cpu_matmul=cpu_matmul)
 
 
 def hf_twin(model, attn: str = "sdpa"):
@@ -78,16 +79,15 @@ def bench_train(quick: bool, vocab: int) -> list[dict]:
     import torch
 
     from phi_train.interop import fuse_state_dict
-    from phi_train.model import PhiModel
 
     rows = []
     sizes = _train_sizes(quick)
     for size in sizes:
         torch.manual_seed(0)
-        ours = PhiModel(_our_cfg(size, vocab)).train()
-        fused = PhiModel(_our_cfg(size, vocab, fused=True)).train()
+        ours = _our_model(size, vocab).train()
+        fused = _our_model(size, vocab, fused=True).train()
         fused.load_state_dict(fuse_state_dict(ours.state_dict(), ours.cfg))
-        blas = PhiModel(_our_cfg(size, vocab, cpu_matmul="blas")).train()  # transformers' GEMM library: the model
+        blas = _our_model(size, vocab, cpu_matmul="blas").train()  # transformers' GEMM library: the model
         blas.load_state_dict(ours.state_dict())  # code's own share of the ratio
         hf = hf_twin(ours).train()
         hf_eager = hf_twin(ours, attn="eager").train()
@@ -139,16 +139,15 @@ def bench_generate(quick: bool, tokenizer_path: Path, corpus: Path) -> list[dict
     import torch
 
     from phi_train.generate import generate, generate_ids
-    from phi_train.model import PhiModel
     from phi_train.tokenizer import Tokenizer
 
     tok = Tokenizer(tokenizer_path)
     size = dict(name="phi1_tiny-like", n_layer=4, d_model=256, n_head=4, d_mlp=1024, seq=256)
     torch.manual_seed(0)
-    model = PhiModel(_our_cfg(size, tok.vocab_size)).eval()
+    model = _our_model(size, tok.vocab_size).eval()
     with torch.no_grad():  # EOS never wins: both sides then generate exactly max_new_tokens per row
         model.lm_head.bias[tok.eos_id] = -1e4
-    blas = PhiModel(_our_cfg(size, tok.vocab_size, cpu_matmul="blas")).eval()  # transformers' GEMM library
+    blas = _our_model(size, tok.vocab_size, cpu_matmul="blas").eval()  # transformers' GEMM library
     blas.load_state_dict(model.state_dict())
     hf = hf_twin(model).eval()
     hf.generation_config.pad_token_id = tok.eos_id
@@ -214,12 +213,12 @@ GEMM_SHAPES = [
 
 
 def bench_kernels(quick: bool) -> dict:
-    """Per fp32 GEMM: MKL (torch.addmm) vs oneDNN (phi_train.model._gemm, Linear's path), forward for every shape and
+    """Per fp32 GEMM: MKL (torch.addmm) vs oneDNN (phi_train.ops._gemm, Linear's path), forward for every shape and
     grad-input / grad-weight for the LM head; per causal bf16 attention (fwd + bwd): SDPA vs matmul_attention."""
     import torch
     import torch.nn.functional as F
 
-    from phi_train.model import _gemm, _onednn_gemm, matmul_attention
+    from phi_train.ops import _gemm, _onednn_gemm, matmul_attention
 
     if _onednn_gemm is None:
         raise BenchError("this torch has no oneDNN (torch.backends.mkldnn.is_available() is False)")

@@ -1,4 +1,4 @@
-"""The GPU section (--gpu, CUDA only): the trainer's DeepSpeed engine at seq 2048, MFU, the head-to-head, the profile."""
+"""The GPU section (gpu=true, CUDA only): the trainer's DeepSpeed engine at seq 2048, MFU, the head-to-head, the profile."""
 
 from __future__ import annotations
 
@@ -101,7 +101,8 @@ def head_to_head(model_cfg, micro_batch: int, seq: int, rounds: int, device: str
     installed on CUDA; the faster one is the ratio's denominator."""
     import torch
 
-    from phi_train.model import PhiModel, flash_attn_func
+    from phi_train.model import PhiModel
+    from phi_train.ops import flash_attn_func
 
     torch.manual_seed(0)
     ours = PhiModel(model_cfg).train()
@@ -146,7 +147,7 @@ def bench_gpu(quick: bool) -> list[dict]:
     from phi_train.config import model_config
 
     if not torch.cuda.is_available():
-        raise BenchError("--gpu needs a CUDA device (torch.cuda.is_available() is False)")
+        raise BenchError("gpu=true needs a CUDA device (torch.cuda.is_available() is False)")
     rows = []
     for preset in ("phi1_small", "phi1"):
         for fused in (False, True):

@@ -90,7 +90,7 @@ def markdown(res: dict) -> str:
 
 
 def gpu_markdown(res: dict) -> str:
-    """The --gpu sweep as Markdown rows (docs/benchmarks.md): one row per model, block and micro-batch."""
+    """The gpu=true sweep as Markdown rows (docs/benchmarks.md): one row per model, block and micro-batch."""
     rows = [
         f"GPU: {res['machine'].get('cuda') or '?'}",
         "",

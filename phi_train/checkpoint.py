@@ -7,7 +7,7 @@ Layout of `ckpt_dir` (DeepSpeed writes the tensors, we write the rest):
       global_step000300/
         mp_rank_00_model_states.pt   <- DeepSpeed: module weights + our client state (step, stream, RNG, config)
         *_optim_states.pt            <- DeepSpeed: one ZeRO partition of optimizer state per rank
-        meta.json                    <- ours: model config, step, tokens, world size, tokenizer checksum
+        meta.json                    <- ours: model config (architecture only), step, tokens, world size, tokenizer
         model_fp32.safetensors       <- ours, final checkpoint only: consolidated fp32 weights for inference/export
 
 Protocol: every rank writes its part (DeepSpeed's `save_checkpoint(save_latest=False)`), a barrier, then rank 0 writes
@@ -85,6 +85,22 @@ def read_meta(ckpt_dir: str | Path, tag: str) -> dict:
     return json.loads((Path(ckpt_dir) / tag / META).read_text())
 
 
+# kernel choices that older checkpoints recorded among the architecture (now `kernels.*`, a choice of each run)
+_RUNTIME_KEYS = ("attention", "cpu_matmul")
+
+
+def model_config_from_meta(saved: dict, where: str) -> ModelConfig:
+    """The ModelConfig a checkpoint's meta describes; the kernel choices older checkpoints carry are dropped."""
+    known = {f.name for f in fields(ModelConfig)}
+    unknown = sorted(set(saved) - known - set(_RUNTIME_KEYS))
+    if unknown:
+        raise ConfigError(
+            f"{where}: meta.json model keys {', '.join(unknown)} are not model settings of this phi_train"
+            f" (known: {', '.join(sorted(known))})"
+        )
+    return ModelConfig(**{k: v for k, v in saved.items() if k in known})
+
+
 def check_compatible(meta: dict, model_cfg: ModelConfig, vocab_size: int, world_size: int, where: str) -> None:
     """Fail with one line before DeepSpeed fails with forty: the checkpoint must fit this run's model and world."""
     saved = meta["model"]
@@ -128,7 +144,7 @@ def load_model_state(ckpt_dir: str | Path, tag: str | None = None) -> tuple[Mode
     """Model config, fp32 weights and meta of a checkpoint, on CPU, without a distributed environment."""
     ckpt_dir, tag = resolve(ckpt_dir, tag)
     meta = read_meta(ckpt_dir, tag)
-    model_cfg = ModelConfig(**meta["model"])
+    model_cfg = model_config_from_meta(meta["model"], str(ckpt_dir / tag / META))
     fp32 = ckpt_dir / tag / FP32
     if fp32.exists():
         from safetensors.torch import load_file

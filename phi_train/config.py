@@ -47,13 +47,8 @@ class ModelConfig:
     resid_dropout: float = 0.0
     """phi-1 pretraining used 0.1 for both (§2.3)."""
     init_std: float = 0.02
-    attention: str = "auto"
-    """auto | flash | sdpa. auto: flash-attn's kernel when installed and on CUDA, else torch SDPA."""
     fused_block: bool = False
     """PaLM's fused parallel block: QKV and fc1 in one GEMM, attention's output projection and fc2 in another."""
-    cpu_matmul: str = "onednn"
-    """onednn | blas: which library runs the linear layers' fp32 GEMMs on CPU. torch's default (blas = MKL) takes an
-    AVX2 path on AMD CPUs; oneDNN uses AVX-512 wherever the CPU has it. GPU and bf16 autocast are unaffected."""
 
     def __post_init__(self) -> None:
         for key in ("n_layer", "d_model", "n_head", "d_mlp", "max_seq_len"):
@@ -68,14 +63,6 @@ class ModelConfig:
             f"model.rotary_dim={self.rotary_dim} must be even and in 2..head_dim={head_dim}",
         )
         _require(
-            self.attention in ("auto", "flash", "sdpa"),
-            f"model.attention={self.attention!r} is not one of auto, flash, sdpa",
-        )
-        _require(
-            self.cpu_matmul in ("onednn", "blas"),
-            f"model.cpu_matmul={self.cpu_matmul!r} is not one of onednn, blas",
-        )
-        _require(
             self.vocab_size is None or self.vocab_size > 0,
             f"model.vocab_size={self.vocab_size} must be positive or null",
         )
@@ -85,6 +72,32 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_head
+
+
+# keys that were model settings before they became kernel choices: old command lines get pointed at the new key
+MOVED_KEYS = {"model.attention": "kernels.attention", "model.cpu_matmul": "kernels.cpu_matmul"}
+
+
+@dataclass
+class KernelConfig:
+    """Which kernels compute the model (phi_train/ops.py): a choice of this run and machine, not architecture, so
+    checkpoints do not record it and a run may resume or load with other choices (same function, other rounding)."""
+
+    attention: str = "auto"
+    """auto | flash | sdpa. auto: flash-attn's kernel when installed and on an Ampere-or-newer GPU, else torch SDPA."""
+    cpu_matmul: str = "onednn"
+    """onednn | blas: which library runs the linear layers' fp32 GEMMs on CPU. torch's default (blas = MKL) takes an
+    AVX2 path on AMD CPUs; oneDNN uses AVX-512 wherever the CPU has it. GPU and bf16 autocast are unaffected."""
+
+    def __post_init__(self) -> None:
+        _require(
+            self.attention in ("auto", "flash", "sdpa"),
+            f"kernels.attention={self.attention!r} is not one of auto, flash, sdpa",
+        )
+        _require(
+            self.cpu_matmul in ("onednn", "blas"),
+            f"kernels.cpu_matmul={self.cpu_matmul!r} is not one of onednn, blas",
+        )
 
 
 @dataclass
@@ -117,8 +130,6 @@ class DataConfig:
 class TrainConfig:
     """The optimisation recipe. Defaults are phi-1's pretraining recipe (§2.3)."""
 
-    stage: str = "pretrain"
-    """pretrain | finetune."""
     global_batch_size: int = 1024
     """Sequences per optimizer step, reached by gradient accumulation whatever the world size."""
     micro_batch_size: int = 8
@@ -159,7 +170,6 @@ class TrainConfig:
     sample_tokens: int = 64
 
     def __post_init__(self) -> None:
-        _require(self.stage in ("pretrain", "finetune"), f"train.stage={self.stage!r} is not one of pretrain, finetune")
         _require(self.lr > 0, f"train.lr={self.lr} must be > 0")
         _require(0 <= self.min_lr <= self.lr, f"train.min_lr={self.min_lr} must be in [0, train.lr={self.lr}]")
         for key in (
@@ -232,6 +242,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    kernels: KernelConfig = field(default_factory=KernelConfig)
     run_dir: str | None = None
     """Where the resolved config, metrics, wandb files and (by default) checkpoints go. None: Hydra's output
     directory, `runs/<model>-<data>-<train>` (conf/config.yaml), or one per job in a multirun — deterministic, so
@@ -250,6 +261,7 @@ def register_configs() -> None:
     cs.store(group="train", name="train_schema", node=TrainConfig)
     cs.store(group="deepspeed", name="deepspeed_schema", node=DeepSpeedConfig)
     cs.store(group="logging", name="logging_schema", node=LoggingConfig)
+    cs.store(group="kernels", name="kernels_schema", node=KernelConfig)
 
 
 def to_object(cfg: DictConfig) -> Config:
@@ -296,6 +308,12 @@ def check_override(arg: str) -> None:
     import types
     import typing
 
+    old = arg.split("=", 1)[0].lstrip("+~")
+    if old in MOVED_KEYS:
+        value = arg.split("=", 1)[1] if "=" in arg else "..."
+        raise ConfigError(
+            f"{old} is now {MOVED_KEYS[old]} (a kernel choice, not architecture): use {MOVED_KEYS[old]}={value}"
+        )
     if "=" not in arg or arg.startswith(("+", "~", "-", "hydra.", "hydra/")):
         return
     key, value = arg.split("=", 1)

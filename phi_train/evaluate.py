@@ -353,7 +353,7 @@ def run_unconventional(cfg: EvalConfig) -> dict:
         completions,
         client,
         template=cfg.grader.resolved_template(),
-        max_retries=cfg.grader.max_retries,
+        max_retries=cfg.grader.parse_retries,
         sampling=cfg.grader.sampling(),
     )
     for rec, g in zip(records, grades, strict=True):

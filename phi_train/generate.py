@@ -26,6 +26,7 @@ import torch
 from phi_train.config import ConfigError, ModelConfig
 from phi_train.errors import PhiTrainError
 from phi_train.model import KVCache, PhiModel, Rotary
+from phi_train.ops import FLASH_NEEDS, flash_supported
 
 
 class GenerateError(PhiTrainError):
@@ -383,16 +384,23 @@ def generate(
 
 
 def build_model(
-    cfg: ModelConfig, state: dict[str, torch.Tensor], device="cpu", dtype: torch.dtype | None = None
+    cfg: ModelConfig,
+    state: dict[str, torch.Tensor],
+    device="cpu",
+    dtype: torch.dtype | None = None,
+    *,
+    attention: str = "auto",
+    cpu_matmul: str = "onednn",
 ) -> PhiModel:
-    """A PhiModel holding `state`, without paying for a random init first (built on the meta device).
+    """A PhiModel holding `state`, without paying for a random init first (built on the meta device); `attention` and
+    `cpu_matmul` pick its kernels (config `kernels.*`).
 
     The rotary tables are rebuilt after the dtype cast: they are fp32 on purpose (model.py's apply_rotary), and a
     blanket `.to(bfloat16)` would round them.
     """
     vocab = state["wte.weight"].shape[0]
     with torch.device("meta"):
-        model = PhiModel(cfg, vocab_size=vocab)
+        model = PhiModel(cfg, vocab_size=vocab, attention=attention, cpu_matmul=cpu_matmul)
     if model.vocab_size != vocab:
         raise ConfigError(
             f"checkpoint embedding has {vocab} rows but model.vocab_size={cfg.vocab_size} pads to {model.vocab_size}"
@@ -401,11 +409,24 @@ def build_model(
     model.rotary = Rotary(cfg.rotary_dim, cfg.max_seq_len, cfg.rotary_base)  # its buffers were never materialised
     model.to(device=device, dtype=dtype)
     model.rotary = Rotary(cfg.rotary_dim, cfg.max_seq_len, cfg.rotary_base).to(device)
+    if attention == "flash" and not flash_supported(model.wte.weight.device, model.wte.weight.dtype):
+        raise ConfigError(FLASH_NEEDS)  # now, not at the first request
     return model.eval()
 
 
-def load_for_inference(path: str, device="cpu", dtype: torch.dtype | None = None, tag: str | None = None):
-    """(PhiModel, Tokenizer) from a phi_train checkpoint directory or a transformers Phi export (has config.json)."""
+def load_for_inference(
+    path: str,
+    device="cpu",
+    dtype: torch.dtype | None = None,
+    tag: str | None = None,
+    *,
+    attention: str = "auto",
+    cpu_matmul: str = "onednn",
+):
+    """(PhiModel, Tokenizer) from a phi_train checkpoint directory or a transformers Phi export (has config.json).
+
+    The kernels are this caller's choice (`attention`: auto | flash | sdpa, `cpu_matmul`: onednn | blas), whatever
+    the run that wrote the checkpoint used."""
     from phi_train.tokenizer import Tokenizer
 
     p = Path(path)
@@ -424,7 +445,7 @@ def load_for_inference(path: str, device="cpu", dtype: torch.dtype | None = None
         tok_path = tok.get("path") if isinstance(tok, dict) else tok
         if not tok_path:
             raise ConfigError(f"checkpoint {p} does not record its tokenizer (meta.json key 'tokenizer')")
-    return build_model(cfg, state, device, dtype), Tokenizer(str(tok_path))
+    return build_model(cfg, state, device, dtype, attention=attention, cpu_matmul=cpu_matmul), Tokenizer(str(tok_path))
 
 
 @torch.inference_mode()

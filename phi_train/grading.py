@@ -12,7 +12,7 @@ Problem file (JSONL, one object per line): `task_id`, `prompt` (HumanEval style:
 also executed in the sandbox and pass@k is reported beside the grade).
 
 The teacher's reply is parsed strictly (`parse_score`): its last line must be `SCORE: <0..10>`. A malformed reply is
-asked again, with the bad reply and what was wrong with it in the conversation, up to `max_retries` times; after that
+asked again, with the bad reply and what was wrong with it in the conversation, up to `parse_retries` times; after that
 the sample is counted as `ungraded` with the reason. graded + ungraded == samples, always.
 """
 
@@ -25,12 +25,13 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
 from phi_train.benchmarks import HUMANEVAL_STOPS, Problem, _field, _read_jsonl, check_completions
 from phi_train.errors import PhiTrainError
+from phi_train.teacher import TeacherConfig
 
 SCORE_MAX = 10
 PLACEHOLDERS = ("prompt", "solution", "completion", "rubric", "entry_point")
@@ -338,34 +339,24 @@ def markdown_grades(summary: dict, model: str) -> str:
 
 
 @dataclass
-class GraderConfig:
-    """`eval.grader.*`: the teacher that grades `eval=unconventional` (conf/eval/unconventional.yaml)."""
+class GraderConfig(TeacherConfig):
+    """`eval.grader.*`: the teacher that grades `eval=unconventional` (conf/eval/unconventional.yaml), plus its prompt."""
 
+    where: ClassVar[str] = "eval.grader"
     base_url: str | None = None
-    """An OpenAI-compatible endpoint, e.g. https://api.openai.com/v1 or a local vLLM server's http://host:8000/v1."""
+    """Required: an OpenAI-compatible endpoint, e.g. https://api.openai.com/v1 or a local vLLM server's."""
     model: str | None = None
-    """The grading model (phi-1 used GPT-4)."""
-    api_key_env: str = "OPENAI_API_KEY"
-    """The NAME of the environment variable holding the key; the key itself is never in config or outputs."""
+    """Required: the grading model (phi-1 used GPT-4)."""
+    timeout_s: float = 120.0
+    max_tokens: int | None = 1024
     template: str = DEFAULT_TEMPLATE
     """The grading prompt; placeholders {prompt} {solution} {completion} {rubric} {entry_point}."""
     template_file: str | None = None
     """A file whose text replaces `template` (easier than a multi-line override)."""
-    max_retries: int = 2
-    """Re-asks after a malformed reply (HTTP failures are retried separately by the client: `http_retries`)."""
-    temperature: float = 0.0
-    max_tokens: int | None = 1024
-    """Sent as max_tokens; null sends none (servers that only take max_completion_tokens)."""
-    max_concurrency: int = 8
-    requests_per_minute: float = 500.0
-    http_retries: int = 4
-    timeout_s: float = 120.0
-    backoff_base_s: float = 1.0
-    backoff_max_s: float = 30.0
+    parse_retries: int = 2
+    """Re-asks after a malformed reply (HTTP failures are the client's: `max_retries`)."""
     cache_dir: str | None = None
     """Reply cache (sqlite). None: `<out_dir>/teacher_cache`, so rerunning an evaluation costs nothing."""
-    price_prompt_per_1k: float = 0.0
-    price_completion_per_1k: float = 0.0
 
     def resolved_template(self) -> str:
         if self.template_file:
@@ -393,22 +384,7 @@ class GraderConfig:
         )
         where = "eval.grader.template_file" if self.template_file else "eval.grader.template"
         check_template(self.resolved_template(), where)
-        need(self.max_retries >= 0, f"eval.grader.max_retries={self.max_retries} must be >= 0")
-        need(self.http_retries >= 0, f"eval.grader.http_retries={self.http_retries} must be >= 0")
-        need(self.temperature >= 0, f"eval.grader.temperature={self.temperature} must be >= 0")
-        need(
-            self.max_tokens is None or self.max_tokens >= 1,
-            f"eval.grader.max_tokens={self.max_tokens} must be >= 1 or null",
-        )
-        need(self.max_concurrency >= 1, f"eval.grader.max_concurrency={self.max_concurrency} must be >= 1")
-        need(self.requests_per_minute > 0, f"eval.grader.requests_per_minute={self.requests_per_minute} must be > 0")
-        need(self.timeout_s > 0, f"eval.grader.timeout_s={self.timeout_s} must be > 0")
-
-    def sampling(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"temperature": self.temperature}
-        if self.max_tokens is not None:
-            out["max_tokens"] = self.max_tokens
-        return out
+        need(self.parse_retries >= 0, f"eval.grader.parse_retries={self.parse_retries} must be >= 0")
 
 
 def make_client(cfg: GraderConfig, cache_dir: str | Path | None, progress: bool = True):
@@ -418,5 +394,4 @@ def make_client(cfg: GraderConfig, cache_dir: str | Path | None, progress: bool 
     # httpx logs every request at INFO, which floods the console next to the progress bar; failures are still
     # logged (without the key) by the teacher client as warnings.
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    # the grader's own retry count is for malformed replies; http_retries is the client's
-    return TeacherClient.from_config(cfg, cache_dir, progress, max_retries=cfg.http_retries)
+    return TeacherClient.from_config(cfg, cache_dir, progress)

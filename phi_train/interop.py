@@ -169,7 +169,6 @@ def hf_config(cfg: ModelConfig, vocab_rows: int, eos_id: int | None = None):
         phi_train={
             "name": cfg.name,
             "vocab_size": cfg.vocab_size,
-            "attention": cfg.attention,
             "fused_block": cfg.fused_block,
         },
     )
@@ -213,8 +212,7 @@ def config_from_hf(conf, where: str = "config") -> ModelConfig:
         attn_dropout=float(_get(conf, "attention_dropout", 0.0) or 0.0),
         resid_dropout=float(_get(conf, "resid_pdrop", 0.0) or 0.0),
         init_std=float(_get(conf, "initializer_range", 0.02)),
-        attention=ours.get("attention", "auto"),
-        fused_block=bool(ours.get("fused_block", False)),
+        fused_block=bool(ours.get("fused_block", False)),  # older exports' "attention" is a kernel choice: ignored
     )
 
 

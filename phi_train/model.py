@@ -3,7 +3,7 @@
 phi-1's choices (arXiv 2306.11644 §2.3, and the released microsoft/phi-1 weights), all kept here:
 - decoder-only, **parallel block** (GPT-J / PaLM): one LayerNorm per block feeds attention and the MLP side by side,
   `x = x + attn(ln(x)) + mlp(ln(x))`;
-- fused QKV projection; multi-head attention with 64-dim heads, FlashAttention kernels when installed (else torch SDPA);
+- fused QKV projection; multi-head attention with 64-dim heads;
 - **rotary** position embeddings on the first 32 of each head's 64 dims (base 10000), GPT-NeoX "rotate half" layout;
   the other 32 dims carry no position; no learned position embeddings;
 - MLP `fc1 -> GELU(tanh approximation) -> fc2` of width 4 * d_model;
@@ -13,92 +13,28 @@ phi-1's choices (arXiv 2306.11644 §2.3, and the released microsoft/phi-1 weight
 Optional, same function: `model.fused_block=true` swaps `Block` for `FusedBlock` (PaLM's two fused GEMMs per block);
 `phi_train.interop.fuse_state_dict` / `unfuse_state_dict` convert weights between the two layouts exactly.
 
+Which kernels run it (flash-attn or SDPA, oneDNN or MKL GEMMs) is `phi_train.ops`'s business, chosen at run time
+(`kernels.attention`, `kernels.cpu_matmul`): the same function either way, so checkpoints do not record it.
+
 Shapes: B batch, T query length, S key length (cache + new), H heads, D head dim, C = d_model, V vocabulary.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from phi_train.config import ModelConfig
-
-try:  # optional: `pip install phi-train[flash]`
-    from flash_attn import flash_attn_func
-except Exception:  # ImportError, or a wheel built for another torch/CUDA
-    flash_attn_func = None
+from phi_train import ops
+from phi_train.config import KernelConfig, ModelConfig
+from phi_train.ops import Linear
 
 
 def pad_vocab(n: int, multiple: int = 64) -> int:
     """Embedding rows rounded up so the LM-head GEMM hits tensor-core friendly sizes."""
     return ((n + multiple - 1) // multiple) * multiple
-
-
-# oneDNN's fp32 GEMM, as torch's inductor uses for CPU linears; None where torch was built without it (e.g. ARM wheels)
-_onednn_gemm = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
-
-
-def _gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight.T (+ bias) on oneDNN; x (..., K), weight (N, K), either may be a transposed view."""
-    return _onednn_gemm(x, weight, bias, "none", [], "")
-
-
-class _OneDnnLinear(torch.autograd.Function):
-    """nn.Linear's function and gradients with all three GEMMs (forward, grad of input, grad of weight) on oneDNN.
-
-    Why: torch sends fp32 CPU matmuls to MKL, which takes its AVX2 path on AMD CPUs; oneDNN picks AVX-512 by CPU
-    feature, measured 2x faster per GEMM on this project's AMD EPYC machines (docs/benchmarks.md). Same products and
-    sums in another order: results differ from MKL's in the last bits, as any two BLAS libraries do."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        return _gemm(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        grad = grad.contiguous()
-        g2, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
-        gx = gw = gb = None
-        if ctx.needs_input_grad[0]:
-            gx = _gemm(grad, weight.t())
-        if ctx.needs_input_grad[1]:
-            # oneDNN is fastest with the longer side of the (N, K) result as its columns (measured: 3x for the LM head)
-            n, k = weight.shape
-            gw = _gemm(x2.t(), g2.t()).t() if n >= k else _gemm(g2.t(), x2.t())
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            gb = g2.sum(0)
-        return gx, gw, gb
-
-
-class Linear(nn.Linear):
-    """nn.Linear (same parameters, same state_dict keys) whose fp32 CPU GEMMs run on oneDNN (model.cpu_matmul=onednn).
-
-    GPU tensors, autocast (bf16 on CPU already goes to oneDNN), torch.compile (inductor has its own CPU linear) and
-    small products take nn.Linear's own path: a oneDNN call costs ~15 us of set-up, which MKL beats below about a
-    million multiply-adds (measured: the decoding step of a tiny model at batch 1)."""
-
-    onednn = True  # PhiModel sets it per layer from model.cpu_matmul
-    min_macs = 1 << 20
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (
-            self.onednn
-            and _onednn_gemm is not None
-            and x.device.type == "cpu"
-            and x.dtype == self.weight.dtype == torch.float32
-            and x.numel() * self.out_features >= self.min_macs  # rows x in x out
-            and not torch.is_autocast_enabled("cpu")
-            and not torch.compiler.is_compiling()
-        ):
-            return _OneDnnLinear.apply(x, self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
 
 
 class Rotary(nn.Module):
@@ -171,29 +107,6 @@ class KVCache:
         self.v = [v[index] for v in self.v]
 
 
-@functools.cache
-def _compute_capability(index: int | None) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
-
-
-def use_flash(backend: str, x: torch.Tensor, mask: torch.Tensor | None) -> bool:
-    """Whether flash-attn's kernel serves this call (model.attention=auto|flash|sdpa)."""
-    if backend == "sdpa" or mask is not None:
-        return False
-    ok = (
-        flash_attn_func is not None
-        and x.is_cuda
-        and x.dtype in (torch.float16, torch.bfloat16)
-        and _compute_capability(x.device.index) >= (8, 0)  # flash-attn 2 kernels: Ampere or newer
-    )
-    if backend == "flash" and not ok:
-        raise RuntimeError(
-            "model.attention=flash needs flash-attn installed and fp16/bf16 tensors on an Ampere-or-newer CUDA GPU"
-            " (compute capability >= 8.0); use auto or sdpa"
-        )
-    return ok
-
-
 def attend(
     qkv: torch.Tensor,
     cos: torch.Tensor,
@@ -207,7 +120,8 @@ def attend(
     backend: str,
 ) -> torch.Tensor:
     """Multi-head attention from the fused QKV projection (B, T, 3C) to the heads' concatenated output (B, T, C),
-    before the output projection; shared by the unfused `Attention` and the `FusedBlock`."""
+    before the output projection; shared by the unfused `Attention` and the `FusedBlock`. No `mask`: causal, the T
+    queries being the last T of the S cached + new positions."""
     B, T, C3 = qkv.shape
     C = C3 // 3
     qkv = qkv.view(B, T, 3, n_head, C // n_head).permute(2, 0, 3, 1, 4)  # (3, B, H, T, D)
@@ -215,43 +129,17 @@ def attend(
     v = qkv[2]
     if cache is not None:
         k, v = cache.update(layer, k, v)  # (B, H, S, D)
-    if use_flash(backend, qkv, mask):
-        # flash-attn wants (B, T, H, D); causal masking is aligned bottom-right, right for a cache too
-        y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout, causal=True)
-        return y.reshape(B, T, C)
-    S = k.shape[2]
-    causal = mask is None and S == T  # training, or a prefill into an empty cache
-    if mask is None and S != T and T > 1:  # prefill into a non-empty cache: causal mask offset by the cached part
-        mask = torch.ones(T, S, dtype=torch.bool, device=qkv.device).tril(S - T)
-    if causal and not q.is_cuda and q.dtype == torch.bfloat16 and T <= CPU_MATMUL_ATTENTION_MAX_T:
-        y = matmul_attention(q, k, v, dropout)
-    else:
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)  # (B,H,T,D)
-    return y.transpose(1, 2).reshape(B, T, C)
-
-
-# torch's CPU flash kernel in bf16 loses to two batched GEMMs and a softmax up to here (measured on the training
-# step of the benchmark models: 7-9% faster at T = 256 and 512, 65% slower at 1024, where the T x T scores no longer
-# sit in cache); fp32 and GPUs keep SDPA's kernels
-CPU_MATMUL_ATTENTION_MAX_T = 512
-
-
-def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> torch.Tensor:
-    """Causal softmax(q k^T / sqrt(D)) v with the scores materialised (B, H, T, T), softmax in fp32."""
-    T, D = q.shape[-2], q.shape[-1]
-    scores = (q * D**-0.5) @ k.transpose(-1, -2)  # scaled first, as SDPA does: the raw q.k may not fit the dtype
-    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1, dtype=torch.float32).to(q.dtype)
-    return (F.dropout(probs, dropout) if dropout > 0 else probs) @ v
+    y = ops.attention(q, k, v, mask, causal=mask is None, dropout=dropout, backend=backend)  # (B, T, H, D)
+    return y.reshape(B, T, C)
 
 
 class Attention(nn.Module):
-    def __init__(self, d_model: int, n_head: int, rotary_dim: int, dropout: float, backend: str):
+    def __init__(self, d_model: int, n_head: int, rotary_dim: int, dropout: float, backend: str, onednn: bool):
         super().__init__()
         self.n_head, self.head_dim = n_head, d_model // n_head
         self.rotary_dim, self.dropout, self.backend = rotary_dim, dropout, backend
-        self.qkv = Linear(d_model, 3 * d_model)
-        self.proj = Linear(d_model, d_model)
+        self.qkv = Linear(d_model, 3 * d_model, onednn=onednn)
+        self.proj = Linear(d_model, d_model, onednn=onednn)
 
     def forward(
         self,
@@ -268,10 +156,10 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, d_model: int, d_mlp: int):
+    def __init__(self, d_model: int, d_mlp: int, onednn: bool):
         super().__init__()
-        self.fc1 = Linear(d_model, d_mlp)
-        self.fc2 = Linear(d_mlp, d_model)
+        self.fc1 = Linear(d_model, d_mlp, onednn=onednn)
+        self.fc2 = Linear(d_mlp, d_model, onednn=onednn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
@@ -288,11 +176,11 @@ class Block(nn.Module):
     LayerNorm and lets attention's QKV and the MLP's fc1 share a GEMM on the same input (PaLM §2).
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, *, backend: str, onednn: bool):
         super().__init__()
         self.ln = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps)
-        self.attn = Attention(cfg.d_model, cfg.n_head, cfg.rotary_dim, cfg.attn_dropout, cfg.attention)
-        self.mlp = MLP(cfg.d_model, cfg.d_mlp)
+        self.attn = Attention(cfg.d_model, cfg.n_head, cfg.rotary_dim, cfg.attn_dropout, backend, onednn)
+        self.mlp = MLP(cfg.d_model, cfg.d_mlp, onednn)
         self.resid_dropout = nn.Dropout(cfg.resid_dropout)
 
     def forward(self, x, cos, sin, mask=None, cache=None, layer=0):
@@ -317,14 +205,14 @@ class FusedBlock(nn.Module):
     resid_dropout=0 (phi1_tiny; every eval) the two are identical.
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, *, backend: str, onednn: bool):
         super().__init__()
         C, M = cfg.d_model, cfg.d_mlp
         self.d_model, self.n_head = C, cfg.n_head
-        self.attn_dropout, self.backend = cfg.attn_dropout, cfg.attention
+        self.attn_dropout, self.backend = cfg.attn_dropout, backend
         self.ln = nn.LayerNorm(C, eps=cfg.ln_eps)
-        self.in_proj = Linear(C, 3 * C + M)
-        self.out_proj = Linear(C + M, C)
+        self.in_proj = Linear(C, 3 * C + M, onednn=onednn)
+        self.out_proj = Linear(C + M, C, onednn=onednn)
         self.resid_dropout = nn.Dropout(cfg.resid_dropout)
 
     def forward(self, x, cos, sin, mask=None, cache=None, layer=0):
@@ -337,23 +225,27 @@ class FusedBlock(nn.Module):
 
 
 class PhiModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, vocab_size: int | None = None):
+    """The phi-1 model of architecture `cfg`. `attention` (auto | flash | sdpa) and `cpu_matmul` (onednn | blas) pick
+    the kernels that compute it (phi_train.ops; config `kernels.*`), not the function."""
+
+    def __init__(
+        self, cfg: ModelConfig, vocab_size: int | None = None, *, attention: str = "auto", cpu_matmul: str = "onednn"
+    ):
         super().__init__()
         vocab = cfg.vocab_size or vocab_size
         if vocab is None:
             raise ValueError("model.vocab_size is null and no tokenizer size was given")
         self.cfg = cfg
+        self.kernels = KernelConfig(attention=attention, cpu_matmul=cpu_matmul)  # checks the two choices
+        onednn = cpu_matmul == "onednn"
         self.vocab_size = pad_vocab(vocab)
         self.wte = nn.Embedding(self.vocab_size, cfg.d_model)
         self.rotary = Rotary(cfg.rotary_dim, cfg.max_seq_len, cfg.rotary_base)
         block = FusedBlock if cfg.fused_block else Block
-        self.blocks = nn.ModuleList(block(cfg) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(block(cfg, backend=attention, onednn=onednn) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps)
-        self.lm_head = Linear(cfg.d_model, self.vocab_size)  # untied, with bias, as the released phi-1
+        self.lm_head = Linear(cfg.d_model, self.vocab_size, onednn=onednn)  # untied, with bias, as the released phi-1
         self.activation_checkpointing = False
-        for m in self.modules():
-            if isinstance(m, Linear):
-                m.onednn = cfg.cpu_matmul == "onednn"
         self.apply(self._init)
         # GPT-2's scaled init of the projections that write into the residual stream: 2 per block (attn + mlp);
         # the fused block's out_proj holds both

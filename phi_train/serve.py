@@ -1,13 +1,13 @@
 """Serve a phi_train checkpoint behind an OpenAI-compatible HTTP API (so our own model can be a teacher).
 
-python launch/serve.py --checkpoint DIR [--host 127.0.0.1 --port 8000 --max-batch 16 --batch-wait-ms 10]
+python launch/serve.py checkpoint=DIR [host=127.0.0.1 port=8000 max_batch=16 batch_wait_ms=10]   (`ServeConfig`)
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health (counters: requests, batches,
 generate calls). Any OpenAI client works (`openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")`);
 the key is not checked, so bind to 127.0.0.1 (the default) unless the network is trusted.
 
 Batching: every request goes to one queue; one worker thread takes the first waiting request, waits up to
---batch-wait-ms for more (up to --max-batch), groups them by sampling parameters (max_tokens, temperature, top_p,
+batch_wait_ms for more (up to max_batch), groups them by sampling parameters (max_tokens, temperature, top_p,
 stop, seed) and makes one `phi_train.generate.generate` call per group. Greedy output is what `generate()` returns
 in-process; with temperature > 0 a request's sample depends on its row in the batch (generate seeds row i with
 seed + i), so sampled replies are reproducible only for the same batch composition.
@@ -28,7 +28,6 @@ budget); completion_tokens counts the tokens of the returned text (after stop st
 
 from __future__ import annotations
 
-import argparse
 import json
 import queue
 import sys
@@ -40,6 +39,9 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from omegaconf import MISSING
+
+from phi_train.cli import hydra_command
 from phi_train.errors import PhiTrainError
 
 CHAT_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
@@ -47,7 +49,7 @@ CHAT_STOP = ("\nUser:", "\nSystem:")
 
 
 class RequestError(PhiTrainError):
-    """A bad request body; answered with HTTP 400 and this one-line message."""
+    """A bad request body (answered with HTTP 400 and this one-line message) or a bad server setting."""
 
 
 def render_chat(messages: Any) -> str:
@@ -405,26 +407,50 @@ def make_handler(server: Server):
     return Handler
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--checkpoint", required=True, help="checkpoint dir (or tag dir), or an exported transformers dir")
-    ap.add_argument("--tag", default=None, help="checkpoint tag (default: latest)")
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=8000, help="0: any free port (printed on the first line)")
-    ap.add_argument("--max-batch", type=int, default=16, help="most requests per generate() call")
-    ap.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long the first request waits for company")
-    ap.add_argument("--model-name", default=None, help="name in replies and /v1/models (default: phi-train)")
-    ap.add_argument("--device", default="auto", help="auto (cuda when available, else cpu) | cpu | cuda | cuda:N")
-    ap.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="default: bf16 on CUDA, else fp32")
-    args = ap.parse_args(argv)
-    if args.max_batch < 1 or args.batch_wait_ms < 0 or not 0 <= args.port < 65536:
-        print(
-            f"error: --max-batch={args.max_batch} (>= 1), --batch-wait-ms={args.batch_wait_ms} (>= 0), "
-            f"--port={args.port} (0..65535) out of range",
-            file=sys.stderr,
-        )
-        return 2
+DTYPES = ("fp32", "bf16", "fp16")
 
+
+@dataclass
+class ServeConfig:
+    """`launch/serve.py` (defaults <- `key=value` overrides)."""
+
+    checkpoint: str = MISSING
+    """Checkpoint dir (or tag dir), or an exported transformers dir."""
+    tag: str | None = None
+    """Checkpoint tag (null: latest)."""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    """0: any free port (printed on the first line)."""
+    max_batch: int = 16
+    """Most requests per generate() call."""
+    batch_wait_ms: float = 10.0
+    """How long the first request waits for company."""
+    model_name: str | None = None
+    """Name in replies and /v1/models (null: phi-train)."""
+    device: str = "auto"
+    """auto (cuda when available, else cpu) | cpu | cuda | cuda:N."""
+    dtype: str | None = None
+    """fp32 | bf16 | fp16; null: bf16 on CUDA, else fp32."""
+    attention: str = "auto"
+    """auto | flash | sdpa: the attention kernel (phi_train.generate.load_for_inference)."""
+
+    def __post_init__(self) -> None:
+        for ok, msg in (
+            (self.max_batch >= 1, f"max_batch={self.max_batch} must be >= 1"),
+            (self.batch_wait_ms >= 0, f"batch_wait_ms={self.batch_wait_ms} must be >= 0"),
+            (0 <= self.port < 65536, f"port={self.port} must be in 0..65535"),
+            (self.dtype is None or self.dtype in DTYPES, f"dtype={self.dtype!r} is not one of fp32, bf16, fp16"),
+            (
+                self.attention in ("auto", "flash", "sdpa"),
+                f"attention={self.attention!r} is not one of auto, flash, sdpa",
+            ),
+        ):
+            if not ok:
+                raise RequestError(msg)
+
+
+@hydra_command(ServeConfig, "serve")
+def main(args: ServeConfig) -> int:
     import torch
 
     from phi_train.generate import load_for_inference
@@ -433,7 +459,9 @@ def main(argv: list[str] | None = None) -> int:
     name = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
     try:
-        model, tok = load_for_inference(args.checkpoint, device=device, dtype=dtype, tag=args.tag)
+        model, tok = load_for_inference(
+            args.checkpoint, device=device, dtype=dtype, tag=args.tag, attention=args.attention
+        )
     except (ValueError, OSError, KeyError) as exc:  # ConfigError / TokenizerError / InteropError, unreadable files
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"error: cannot load checkpoint {args.checkpoint!r}: {msg}", file=sys.stderr)

@@ -23,7 +23,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import openai
 from tqdm import tqdm
@@ -37,6 +37,52 @@ Messages = list[dict[str, str]]
 
 class TeacherConfigError(PhiTrainError):
     """A misconfigured teacher (missing key variable, bad limits); printed on one line."""
+
+
+@dataclass
+class TeacherConfig:
+    """The one teacher config: `annotate.teacher` (codetextbook), `teacher` (synth) and, with its template fields,
+    `eval.grader` (grading). Field names are `TeacherClient`'s constructor arguments."""
+
+    where: ClassVar[str] = "teacher"
+    """The config path that error messages name."""
+    base_url: str | None = "https://api.openai.com/v1"
+    """Any OpenAI-compatible endpoint: OpenAI, vLLM, TGI, llama.cpp, or `launch/serve.py`'s http://host:8000/v1."""
+    model: str | None = "gpt-4o-mini"
+    api_key_env: str = "OPENAI_API_KEY"
+    """Name of the environment variable holding the key; the key itself is never in config, logs or outputs."""
+    max_concurrency: int = 8
+    requests_per_minute: float = 500.0
+    max_retries: int = 4
+    """HTTP retries (429 / 5xx / timeouts / connection errors), with exponential backoff and jitter."""
+    timeout_s: float = 60.0
+    backoff_base_s: float = 1.0
+    backoff_max_s: float = 30.0
+    price_prompt_per_1k: float = 0.0
+    price_completion_per_1k: float = 0.0
+    temperature: float = 0.0
+    max_tokens: int | None = 8
+    """Sent as max_tokens; null sends none (servers that only take max_completion_tokens)."""
+
+    def __post_init__(self) -> None:
+        w = self.where
+        for ok, msg in (
+            (self.max_concurrency >= 1, f"{w}.max_concurrency={self.max_concurrency} must be >= 1"),
+            (self.requests_per_minute > 0, f"{w}.requests_per_minute={self.requests_per_minute} must be > 0"),
+            (self.max_retries >= 0, f"{w}.max_retries={self.max_retries} must be >= 0"),
+            (self.timeout_s > 0, f"{w}.timeout_s={self.timeout_s} must be > 0"),
+            (self.temperature >= 0, f"{w}.temperature={self.temperature} must be >= 0"),
+            (self.max_tokens is None or self.max_tokens >= 1, f"{w}.max_tokens={self.max_tokens} must be >= 1 or null"),
+        ):
+            if not ok:
+                raise TeacherConfigError(msg)
+
+    def sampling(self) -> dict[str, Any]:
+        """The request's sampling fields: temperature, and max_tokens unless it is null."""
+        out: dict[str, Any] = {"temperature": self.temperature}
+        if self.max_tokens is not None:
+            out["max_tokens"] = self.max_tokens
+        return out
 
 
 @dataclass
@@ -179,8 +225,7 @@ class TeacherClient:
 
     @classmethod
     def from_config(cls, t, cache_dir: str | Path | None, progress: bool = False, **overrides) -> TeacherClient:
-        """A client from any teacher config whose fields carry the constructor's names (codetextbook's and synth's
-        `TeacherConfig`, the grader's): one mapping for every caller; fields a config lacks keep their defaults."""
+        """A client from a `TeacherConfig` (or the grader's, which extends it); `overrides` replace its fields."""
         import inspect
 
         names = [n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "cache_dir", "progress")]

@@ -272,7 +272,10 @@ class Trainer:
         self.tokenizer = shards_tokenizer(conf.data.path, self.manifest, self.run_dir)
 
         torch.manual_seed(conf.train.seed)  # identical init on every rank
-        model = PhiModel(conf.model, vocab_size=self.tokenizer.vocab_size)
+        k = conf.kernels
+        model = PhiModel(
+            conf.model, vocab_size=self.tokenizer.vocab_size, attention=k.attention, cpu_matmul=k.cpu_matmul
+        )
         model.activation_checkpointing = conf.train.activation_checkpointing
         if conf.train.compile:
             for block in model.blocks:

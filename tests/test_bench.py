@@ -22,7 +22,7 @@ def tiny(**kw):
 
 
 def test_gpu_benchmark_engine_path_runs_on_cpu(tmp_path):
-    """`bench.py --gpu` measures through `engine_throughput`; on CPU the same code runs the trainer's DeepSpeed
+    """`bench.py gpu=true` measures through `engine_throughput`; on CPU the same code runs the trainer's DeepSpeed
     engine (ZeRO-2, fp32) for both block layouts and reports a finite loss and a throughput."""
     code = (
         "import json\nfrom phi_bench.gpu import engine_throughput\n"
@@ -54,7 +54,7 @@ def test_gpu_benchmark_engine_path_runs_on_cpu(tmp_path):
 
 
 def test_gpu_head_to_head_runs_on_cpu_and_reports_markdown():
-    """`bench.py --gpu`'s ours-vs-transformers loop, run on CPU (bf16 autocast) with a tiny model: both sides train,
+    """`bench.py gpu=true`'s ours-vs-transformers loop, run on CPU (bf16 autocast) with a tiny model: both sides train,
     the peer is transformers, and the Markdown rows carry the verdict."""
     row = gpu.head_to_head(tiny(), micro_batch=2, seq=32, rounds=2, device="cpu")
     assert set(row["tokens_per_s"]) == {"ours", "transformers"} and row["peer"] == "transformers"
@@ -83,7 +83,7 @@ def test_gpu_profile_is_skipped_when_phi1_meets_the_goal_or_was_not_measured():
 
 
 def test_kernel_bench_section_compares_equal_products_and_reports_rows():
-    """`bench.py --only kernels` (what the docs' per-GEMM table comes from): every shape timed on both libraries, the
+    """`bench.py only=[kernels]` (what the docs' per-GEMM table comes from): every shape timed on both libraries, the
     LM head's backward products too, attention at three lengths; each becomes a report row. No time is asserted, but
     each pair must compute the same product (fp32, up to summation order), or its speed-up would mean nothing."""
     res = cpu.bench_kernels(quick=True)
@@ -105,9 +105,9 @@ def test_bench_interleaves_contenders_and_rejects_bad_options(tmp_path):
     # one warm-up turn, then every contender once per round, the order rotated so nobody always follows the same one
     assert "".join(calls) == "abc" + "abc" + "bca" + "cab"
     assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3, "c": 3}
-    for args, word in [(["--only", "train,nope"], "unknown section 'nope'"), (["--threads", "0"], "--threads=0")]:
+    for args, word in [(["only=[train,nope]"], "unknown section 'nope'"), (["threads=0"], "threads=0")]:
         r = subprocess.run(
-            [sys.executable, str(ROOT / "launch" / "bench.py"), *args, "--out", str(tmp_path / "b.json")],
+            [sys.executable, str(ROOT / "launch" / "bench.py"), *args, f"out={tmp_path / 'b.json'}"],
             capture_output=True, text=True, timeout=60, check=False,
         )  # fmt: skip
         assert r.returncode == 2 and word in r.stderr and r.stderr.count("\n") == 1, r.stderr

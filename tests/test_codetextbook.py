@@ -312,7 +312,7 @@ def test_bad_config_is_one_line_exit_2(tmp_path):
         (["dedup.threshold=1.5"], "dedup.threshold=1.5"),
         (["annotate.annotator=gpt"], "annotate.annotator"),
         (["executor.kind=k8s"], "executor.kind"),
-        (["--config-name", "missing"], "available"),
+        (["--config-name", "missing"], "unknown config name 'missing'; choose one of demo, stack"),
     ]:
         p = subprocess.run(
             [sys.executable, "-m", "data_tools.codetextbook", *args],
@@ -327,7 +327,7 @@ def test_bad_config_is_one_line_exit_2(tmp_path):
 
 
 def test_invalid_yaml_is_one_line_error(tmp_path):
-    """A YAML syntax error in a user's config names the file and line, exit 2, no traceback (data_tools/tool_config)."""
+    """A YAML syntax error in a user's config names the file and line, exit 2, no traceback (phi_train/cli)."""
     import subprocess
     import sys
 

@@ -20,7 +20,7 @@ import zstandard
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from data_tools.decontaminate.config import DecontaminateConfigError, load_config  # noqa: E402
+from data_tools.decontaminate.config import load_config  # noqa: E402
 from data_tools.decontaminate.measures import (  # noqa: E402
     ast_match,
     code_tokens,
@@ -30,6 +30,7 @@ from data_tools.decontaminate.measures import (  # noqa: E402
 )
 from data_tools.decontaminate.scan import main  # noqa: E402
 from phi_train.benchmarks import load_humaneval  # noqa: E402
+from phi_train.errors import PhiTrainError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PLANTED_TASKS = [f"HumanEval/{i}" for i in range(0, 160, 8)]  # 20 problems spread over the benchmark
@@ -312,7 +313,7 @@ def test_bad_input_is_one_line(tmp_path, capsys):
         assert main(["--config-name", "demo", f"output_dir={tmp_path / 'o'}", *overrides]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and "\n" not in err and needle in err, (overrides, err)
-    with pytest.raises(DecontaminateConfigError, match="not found; available"):
+    with pytest.raises(PhiTrainError, match="unknown config name 'no_such_config'; choose one of codetextbook, demo"):
         load_config("no_such_config")
     proc = subprocess.run(
         [sys.executable, "-m", "data_tools.decontaminate", "--config-name", "demo", "train.limit=0"],
@@ -332,9 +333,9 @@ def test_prune_sweep_dry_run_prints_commands_and_resumes(tmp_path):
     (work / "tau0.9").mkdir(parents=True)
     (work / "tau0.9" / "result.json").write_text(json.dumps({"tau": "0.9", "pass@1": 0.25}))
     cmd = [
-        sys.executable, "launch/prune_sweep.py", "--dry-run", "--work-dir", str(work),
-        "--decontaminated", str(tmp_path / "decon"), "--tokenizer", "tok/tokenizer.model",
-        "--init-from", "runs/base/checkpoints", "--model", "phi1_tiny", "--taus", "0.95", "0.9", "0.8",
+        sys.executable, "launch/prune_sweep.py", "dry_run=true", f"work_dir={work}",
+        f"decontaminated={tmp_path / 'decon'}", "tokenizer=tok/tokenizer.model",
+        "init_from=runs/base/checkpoints", "model=phi1_tiny", "taus=[0.95,0.9,0.8]",
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr

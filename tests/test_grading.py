@@ -302,7 +302,7 @@ def test_launch_grades_with_retries_and_never_writes_the_key(server, tmp_path, c
     out = tmp_path / "out"
     r = run_launch(
         f"eval.path={case_file}", "eval.reference=true", f"eval.out_dir={out}", "eval.wandb=offline",
-        "eval.grader.max_retries=1", *grader_overrides(server), cwd=tmp_path,
+        "eval.grader.parse_retries=1", *grader_overrides(server), cwd=tmp_path,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -359,7 +359,8 @@ def test_launch_shipped_set_reference_and_cached_rerun(server, tmp_path):
         (["eval.grader.base_url=http://127.0.0.1:9/v1", "eval.grader.model=m", f"eval.grader.api_key_env={KEY_ENV}",
           "eval.grader.template_file=/nonexistent/t.txt"], CANARY, "eval.grader.template_file='/nonexistent/t.txt'"),
         (["eval.grader.base_url=http://127.0.0.1:9/v1", "eval.grader.model=m", f"eval.grader.api_key_env={KEY_ENV}",
-          "eval.grader.max_retries=-1"], CANARY, "eval.grader.max_retries=-1 must be >= 0"),
+          "eval.grader.parse_retries=-1"], CANARY, "eval.grader.parse_retries=-1 must be >= 0"),
+        (["eval.grader.max_retries=-1"], CANARY, "eval.grader.max_retries=-1 must be >= 0"),
     ],
 )  # fmt: skip
 def test_launch_bad_grader_settings_are_one_line_exit_2(tmp_path, overrides, key, message):

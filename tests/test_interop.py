@@ -1,4 +1,5 @@
-"""transformers PhiForCausalLM <-> PhiModel: same logits both ways, exact state round trip, the CLIs on real files."""
+"""transformers PhiForCausalLM <-> PhiModel: same logits both ways, exact state round trip, the CLIs on real files;
+the fused block's layout conversions (fuse/unfuse, export and import of a fused model)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,22 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 import torch
+from tiny import VOCAB, fused_pair, token_ids
 
 from phi_train.config import model_config
 from phi_train.generate import build_model, generate, load_for_inference
-from phi_train.interop import InteropError, config_from_hf, export_hf, from_hf_state_dict, import_hf, to_hf_state_dict
-from phi_train.model import PhiModel
+from phi_train.interop import (
+    InteropError,
+    config_from_hf,
+    export_hf,
+    from_hf_state_dict,
+    fuse_state_dict,
+    hf_config,
+    import_hf,
+    to_hf_state_dict,
+    unfuse_state_dict,
+)
+from phi_train.model import FusedBlock, PhiModel
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parent.parent
@@ -185,7 +197,7 @@ def test_export_and_sample_clis_on_a_real_checkpoint(tmp_path, tokenizer_path):
     ckpt = tmp_path / "run" / "checkpoints"
     write_checkpoint(ckpt, model, tokenizer_path)
 
-    r = run("export.py", "--checkpoint", str(ckpt), "--out", str(tmp_path / "hf"))
+    r = run("export.py", f"checkpoint={ckpt}", f"out={tmp_path / 'hf'}")
     assert r.returncode == 0, r.stderr
     assert "exported" in r.stdout
     hf = PhiForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
@@ -197,7 +209,8 @@ def test_export_and_sample_clis_on_a_real_checkpoint(tmp_path, tokenizer_path):
     prompt = "def add(a, b):\n"
     [expected] = generate(model, tok, [prompt], max_new_tokens=12)
     for src in (str(ckpt), str(tmp_path / "hf")):
-        r = run("sample.py", "--checkpoint", src, "--prompt", prompt, "--max-new-tokens", "12", "--device", "cpu")
+        # quoted for Hydra's grammar (the prompt has parentheses, a comma and a newline)
+        r = run("sample.py", f"checkpoint={src}", f"prompt='{prompt}'", "max_new_tokens=12", "device=cpu")
         assert r.returncode == 0, r.stderr
         assert r.stdout == prompt + expected + "\n"
     loaded, _ = load_for_inference(str(tmp_path / "hf"))
@@ -205,8 +218,89 @@ def test_export_and_sample_clis_on_a_real_checkpoint(tmp_path, tokenizer_path):
 
 
 def test_clis_fail_in_one_line_on_a_missing_checkpoint(tmp_path):
-    r = run("export.py", "--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "out"))
+    r = run("export.py", f"checkpoint={tmp_path / 'nope'}", f"out={tmp_path / 'out'}")
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and "nope" in r.stderr and "Traceback" not in r.stderr
-    r = run("sample.py", "--checkpoint", str(tmp_path / "nope"), "--prompt", "x", "--device", "cpu")
+    r = run("sample.py", f"checkpoint={tmp_path / 'nope'}", "prompt=x", "device=cpu")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "nope" in r.stderr
+
+
+def test_exports_record_architecture_only_and_older_exports_with_a_kernel_choice_still_import():
+    model = tiny_model(vocab=120)
+    conf = hf_config(model.cfg, model.vocab_size).to_dict()
+    assert set(conf["phi_train"]) == {"name", "vocab_size", "fused_block"}
+    old = {**conf, "phi_train": {**conf["phi_train"], "attention": "sdpa"}}  # as exports written before kernels.*
+    assert asdict(config_from_hf(old)) == asdict(model.cfg)
+
+
+# ---------------------------------------------------------------- the fused block's layout (model.fused_block=true)
+
+
+def test_fuse_unfuse_round_trip_is_exact():
+    plain, fused = fused_pair()
+    cfg = plain.cfg
+    state = fused.state_dict()
+    back = fuse_state_dict(unfuse_state_dict(state, cfg), cfg)
+    assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
+    un = unfuse_state_dict(state, cfg)
+    assert un.keys() == plain.state_dict().keys()
+    assert torch.count_nonzero(un["blocks.0.mlp.fc2.bias"]) == 0  # the summed bias lives in attn.proj.bias
+    ref = plain.state_dict()
+    torch.testing.assert_close(
+        un["blocks.0.attn.proj.bias"], ref["blocks.0.attn.proj.bias"] + ref["blocks.0.mlp.fc2.bias"], rtol=0, atol=0
+    )
+    # every other tensor is the unfused model's own, bit for bit
+    same = [k for k in ref if not k.endswith(("attn.proj.bias", "mlp.fc2.bias"))]
+    assert all(torch.equal(un[k], ref[k]) for k in same)
+
+
+def test_fused_model_exports_to_transformers_with_equal_logits(tmp_path, tokenizer_path):
+    from transformers import PhiForCausalLM
+
+    _, fused = fused_pair(seed=7)
+    hf_state = to_hf_state_dict(fused.state_dict(), fused.cfg)
+    assert "model.layers.0.self_attn.q_proj.weight" in hf_state and not any("in_proj" in k for k in hf_state)
+    out = export_hf(fused.state_dict(), fused.cfg, tokenizer_path, tmp_path / "hf")
+    assert json.loads((out / "config.json").read_text())["phi_train"]["fused_block"] is True
+    hf = PhiForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    x = token_ids()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, fused(x), atol=2e-5, rtol=1e-5)
+
+    # import: back to the fused layout, bit-identical weights (the bias went through attn.proj + a zero fc2 bias)
+    cfg, state = import_hf(out)
+    assert cfg.fused_block and asdict(cfg) == asdict(fused.cfg)
+    ref = fused.state_dict()
+    assert state.keys() == ref.keys() and all(torch.equal(state[k], ref[k]) for k in ref)
+
+    # and the inference loader builds a fused model from the export
+    model, tok = load_for_inference(str(out))
+    assert isinstance(model.blocks[0], FusedBlock) and tok.vocab_size == VOCAB
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), fused(x), atol=0, rtol=0)
+
+
+def test_transformers_weights_import_into_a_fused_model():
+    plain, fused = fused_pair(seed=8)
+    hf_state = to_hf_state_dict(plain.state_dict(), plain.cfg)
+    conf = hf_config(fused.cfg, fused.vocab_size).to_dict()  # a config that asks for the fused layout
+    cfg, state = from_hf_state_dict(hf_state, conf)
+    model = build_model(cfg, state)
+    assert isinstance(model.blocks[0], FusedBlock)
+    x = token_ids(seed=9)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), plain(x), atol=2e-5, rtol=1e-5)
+
+
+def test_conversion_errors_are_one_line_and_name_the_key():
+    plain, fused = fused_pair()
+    with pytest.raises(InteropError, match=r"blocks\.0\.in_proj\.weight is missing .*fused layout") as err:
+        unfuse_state_dict(plain.state_dict(), plain.cfg)
+    assert "\n" not in str(err.value)
+    bad = dict(plain.state_dict())
+    bad["blocks.1.mlp.fc1.weight"] = bad["blocks.1.mlp.fc1.weight"][:10]
+    with pytest.raises(
+        InteropError, match=r"blocks\.1\.mlp\.fc1\.weight has shape \(10, 128\), expected \(384, 128\)"
+    ) as err:
+        fuse_state_dict(bad, plain.cfg)
+    assert "\n" not in str(err.value)

@@ -50,7 +50,7 @@ class ServeProcess:
 
     def __init__(self, checkpoint: Path, *extra: str) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "launch/serve.py", "--checkpoint", str(checkpoint), "--port", "0", *extra],
+            [sys.executable, "launch/serve.py", f"checkpoint={checkpoint}", "port=0", *extra],
             cwd=ROOT,
             env=ENV,
             stdout=subprocess.PIPE,
@@ -80,7 +80,7 @@ def checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def served(checkpoint):
-    s = ServeProcess(checkpoint, "--max-batch", "8", "--batch-wait-ms", "150")
+    s = ServeProcess(checkpoint, "max_batch=8", "batch_wait_ms=150")
     yield s
     s.close()
 
@@ -198,7 +198,7 @@ def test_streaming_and_bad_requests(served):
 
 def test_bad_checkpoint_is_a_one_line_error(tmp_path):
     p = subprocess.run(
-        [sys.executable, "launch/serve.py", "--checkpoint", str(tmp_path / "nope"), "--port", "0"],
+        [sys.executable, "launch/serve.py", f"checkpoint={tmp_path / 'nope'}", "port=0"],
         cwd=ROOT,
         env=ENV,
         capture_output=True,

@@ -109,8 +109,8 @@ def test_worker_count_does_not_change_a_byte(tmp_path, demo_shards):
     for workers in (1, 2):
         out = tmp_path / f"w{workers}"
         res = _shard_cli(
-            "--input", str(src), "--tokenizer", demo_shards.tokenizer, "--out", str(out), "--seq-len", "32",
-            "--shard-sequences", "300", "--val-fraction", "0.2", "--workers", str(workers),
+            f"input=[{src}]", f"tokenizer={demo_shards.tokenizer}", f"out={out}", "seq_len=32",
+            "shard_sequences=300", "val_fraction=0.2", f"workers={workers}",
         )  # fmt: skip
         assert res.returncode == 0, res.stderr
         assert "train" in res.stdout and "val" in res.stdout  # the summary table
@@ -146,12 +146,12 @@ def test_drops_are_counted_and_reconcile(tmp_path, demo_shards):
 def test_bad_options_are_one_line_errors(tmp_path, demo_shards):
     with pytest.raises(SourceError, match="does not exist"):
         write_shards([str(tmp_path / "nope")], demo_shards.tokenizer, tmp_path / "o", seq_len=8, progress=False)
-    with pytest.raises(ShardError, match="--seq-len=0"):
+    with pytest.raises(ShardError, match="seq_len=0"):
         write_shards([str(demo_shards.corpus)], demo_shards.tokenizer, tmp_path / "o", seq_len=0, progress=False)
-    res = _shard_cli("--input", str(demo_shards.corpus), "--tokenizer", demo_shards.tokenizer, "--out",
-                     str(tmp_path / "o"), "--seq-len", "8", "--val-fraction", "1.5")  # fmt: skip
+    res = _shard_cli(f"input=[{demo_shards.corpus}]", f"tokenizer={demo_shards.tokenizer}", f"out={tmp_path / 'o'}",
+                     "seq_len=8", "val_fraction=1.5")  # fmt: skip
     assert res.returncode == 2 and "Traceback" not in res.stderr
-    assert res.stderr.strip().splitlines()[-1] == "error: --val-fraction=1.5 must be in [0, 1)"
-    res = _shard_cli("--input", str(demo_shards.corpus), "--tokenizer", str(tmp_path / "x.model"), "--out",
-                     str(tmp_path / "o"), "--seq-len", "8")  # fmt: skip
+    assert res.stderr.strip().splitlines()[-1] == "error: val_fraction=1.5 must be in [0, 1)"
+    res = _shard_cli(f"input=[{demo_shards.corpus}]", f"tokenizer={tmp_path / 'x.model'}", f"out={tmp_path / 'o'}",
+                     "seq_len=8")  # fmt: skip
     assert res.returncode == 2 and "x.model" in res.stderr and "Traceback" not in res.stderr

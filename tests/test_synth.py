@@ -145,7 +145,7 @@ def write_config(path: Path, url: str, work: Path, **extra: str) -> Path:
     """A synth config for tests: one item per case (the seed lists leave exactly one draw per case)."""
     path.write_text(
         f"""
-extends: {ROOT / "conf" / "synth" / "base.yaml"}
+# no defaults list: only these prompts and seeds (starting from base would merge its prompts in)
 teacher: {{base_url: '{url}', model: fake-teacher, api_key_env: {KEY_ENV}, timeout_s: 1.0, max_retries: 3,
   backoff_base_s: 0.01, backoff_max_s: 0.05, max_concurrency: 4, requests_per_minute: 60000, max_tokens: 400}}
 progress: false
@@ -387,7 +387,7 @@ def test_generators_complete_against_our_own_served_model(tmp_path, key):
     """Gibberish teacher: the pipelines complete and every item is a counted drop (or, rarely, kept)."""
     from test_serve import ServeProcess, write_tiny_checkpoint
 
-    served = ServeProcess(write_tiny_checkpoint(tmp_path / "ckpt"), "--batch-wait-ms", "20")
+    served = ServeProcess(write_tiny_checkpoint(tmp_path / "ckpt"), "batch_wait_ms=20")
     try:
         overrides = [
             f"teacher.base_url={served.url}",

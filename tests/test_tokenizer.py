@@ -108,7 +108,7 @@ def test_cli_trains_and_checks_round_trip(tmp_path, demo_corpus):
 
     files = sorted(demo_corpus.iterdir())[:30]
     jsonl.write_text("".join(json.dumps({"text": f.read_text(), "id": f.name}) + "\n" for f in files))
-    res = _cli("--input", str(jsonl), "--out", str(tmp_path / "tok"), "--vocab-size", "1000", "--sample-docs", "25")
+    res = _cli(f"input=[{jsonl}]", f"out={tmp_path / 'tok'}", "vocab_size=1000", "sample_docs=25")
     assert res.returncode == 0, res.stderr
     assert "round trip exact on 25/25 documents" in res.stdout
     assert "vocab_size=1000" in res.stdout
@@ -116,14 +116,14 @@ def test_cli_trains_and_checks_round_trip(tmp_path, demo_corpus):
 
 
 def test_cli_errors_are_one_line(tmp_path, demo_corpus):
-    res = _cli("--input", str(tmp_path / "missing"), "--out", str(tmp_path / "tok"))
+    res = _cli(f"input=[{tmp_path / 'missing'}]", f"out={tmp_path / 'tok'}")
     assert res.returncode == 2
     assert res.stderr.strip().splitlines()[-1].startswith("error: input path")
     assert "Traceback" not in res.stderr
     one = tmp_path / "one"
     one.mkdir()
     (one / "a.py").write_text("x = 1\n")
-    res = _cli("--input", str(one), "--out", str(tmp_path / "tok"), "--vocab-size", "50000")
+    res = _cli(f"input=[{one}]", f"out={tmp_path / 'tok'}", "vocab_size=50000")
     assert res.returncode == 2
     last = res.stderr.strip().splitlines()[-1]
-    assert last.startswith("error:") and "--vocab-size=50000" in last and "Traceback" not in res.stderr
+    assert last.startswith("error:") and "vocab_size=50000" in last and "Traceback" not in res.stderr

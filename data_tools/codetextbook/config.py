@@ -1,8 +1,8 @@
 """Typed configuration of the CodeTextbook filtered-code pipeline (phi-1 §2.1).
 
-Loaded by OmegaConf structured merge: `conf/codetextbook/<name>.yaml` and `key=value` overrides are merged into
-`CodeTextbookConfig`, so an unknown key or a value of the wrong type fails at start; semantic checks live in
-`__post_init__`. Every error is a `CodeTextbookConfigError` with a one-line message naming the key and valid values.
+Composed by Hydra (`phi_train.cli`): `CodeTextbookConfig` <- `conf/codetextbook/<name>.yaml` <- `key=value`
+overrides, so an unknown key or a value of the wrong type fails at start; semantic checks live in `__post_init__`
+and raise `CodeTextbookConfigError`, one line naming the key and the valid values.
 """
 
 from __future__ import annotations
@@ -12,8 +12,10 @@ from dataclasses import dataclass, field
 
 from omegaconf import MISSING
 
-from data_tools.tool_config import config_path, load, to_yaml  # noqa: F401  (to_yaml: re-exported for callers)
+from phi_train import cli
+from phi_train.cli import to_yaml  # noqa: F401  (re-exported for the pipeline)
 from phi_train.errors import CONF_ROOT, PhiTrainError, require
+from phi_train.teacher import TeacherConfig
 
 CONF_DIR = CONF_ROOT / "codetextbook"
 INPUT_KINDS = ("python_files", "stack_jsonl", "stack_parquet", "stackoverflow_jsonl")
@@ -102,30 +104,6 @@ class DedupConfig:
         _require(0 < self.threshold < 1, f"dedup.threshold={self.threshold} must be in (0, 1)")
         _require(self.num_perm >= 16, f"dedup.num_perm={self.num_perm} must be >= 16")
         _require(self.shingle_size >= 1, f"dedup.shingle_size={self.shingle_size} must be >= 1")
-
-
-@dataclass
-class TeacherConfig:
-    base_url: str = "https://api.openai.com/v1"
-    model: str = "gpt-4o-mini"
-    api_key_env: str = "OPENAI_API_KEY"
-    """Name of the environment variable holding the key; the key itself is never in config, logs or outputs."""
-    max_concurrency: int = 8
-    requests_per_minute: float = 500.0
-    max_retries: int = 4
-    timeout_s: float = 60.0
-    backoff_base_s: float = 1.0
-    backoff_max_s: float = 30.0
-    price_prompt_per_1k: float = 0.0
-    price_completion_per_1k: float = 0.0
-    temperature: float = 0.0
-    max_tokens: int = 8
-
-    def __post_init__(self) -> None:
-        _require(self.max_concurrency >= 1, f"teacher.max_concurrency={self.max_concurrency} must be >= 1")
-        _require(self.requests_per_minute > 0, f"teacher.requests_per_minute={self.requests_per_minute} must be > 0")
-        _require(self.max_retries >= 0, f"teacher.max_retries={self.max_retries} must be >= 0")
-        _require(self.timeout_s > 0, f"teacher.timeout_s={self.timeout_s} must be > 0")
 
 
 @dataclass
@@ -224,6 +202,8 @@ class CodeTextbookConfig:
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
     progress: bool = True
+    summary_only: bool = False
+    """Run nothing: recompute and print the summary of a finished run."""
 
     def __post_init__(self) -> None:
         _require(len(self.inputs) > 0, "inputs is empty: give at least one {kind, path}")
@@ -231,10 +211,10 @@ class CodeTextbookConfig:
             _require(s in STAGES, f"stages contains {s!r}; valid stages: {', '.join(STAGES)}")
 
 
+SCHEMA = "codetextbook_schema"
+"""The ConfigStore name of `CodeTextbookConfig`, first in every `conf/codetextbook/*.yaml` defaults list."""
+
+
 def load_config(config_name: str = "demo", overrides: list[str] | None = None) -> CodeTextbookConfig:
-    """YAML `conf/codetextbook/<config_name>.yaml` (or a path) <- dotlist overrides, checked against the dataclasses."""
-    path = config_path(CONF_DIR, config_name, CodeTextbookConfigError)
-    # `load` takes a schema instance, which must pass `__post_init__` (non-empty inputs): a placeholder input,
-    # replaced by the YAML's.
-    schema = CodeTextbookConfig(inputs=[InputConfig(path=".")])
-    return load(schema, path, overrides, CodeTextbookConfigError)
+    """What `python -m data_tools.codetextbook --config-name NAME OVERRIDES...` runs with (NAME may be a path)."""
+    return cli.load(CodeTextbookConfig, config_name, overrides or (), CONF_DIR, SCHEMA)

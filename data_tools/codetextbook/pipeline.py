@@ -1,6 +1,6 @@
 """CodeTextbook part 1: the filtered code-language data set of phi-1 §2.1, as datatrove pipelines.
 
-    python -m data_tools.codetextbook --config-name demo [key=value ...]
+    python -m data_tools.codetextbook --config-name demo [key=value ...]    # summary_only=true: summary of a done run
 
 Stages (each a datatrove executor with its own logging dir and completion markers, so a killed run resumes):
   clean     readers -> CodeCleaner -> work/clean/*.jsonl.zst                     (executor.tasks tasks)
@@ -21,15 +21,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from data_tools.codetextbook.config import (
-    AnnotateConfig,
-    CodeTextbookConfig,
-    CodeTextbookConfigError,
-    InputConfig,
-    load_config,
-    to_yaml,
-)
-from data_tools.tool_config import parse_cli, run_cli
+from data_tools.codetextbook.config import CONF_DIR, SCHEMA, AnnotateConfig, CodeTextbookConfig, InputConfig, to_yaml
+from phi_train.cli import hydra_command
 from phi_train.errors import ReconcileError
 
 
@@ -286,21 +279,12 @@ def run_pipeline(cfg: CodeTextbookConfig) -> dict[str, Any] | None:
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    flags = {"--summary-only": "recompute the summary of a finished run"}
-    args = parse_cli("codetextbook", __doc__, "codetextbook", "annotate.sample_size=200", argv, flags)
-    from data_tools.codetextbook.classify import ClassifierError  # after parsing: `--help` stays fast
-    from phi_train.teacher import TeacherConfigError
-
-    def run(cfg: CodeTextbookConfig) -> None:
-        if args.summary_only:
-            print_summary(summarize(cfg))
-        else:
-            run_pipeline(cfg)
-
-    return run_cli(
-        args, load_config, run, (CodeTextbookConfigError, ClassifierError, TeacherConfigError, ReconcileError)
-    )
+@hydra_command(CodeTextbookConfig, "demo", CONF_DIR, schema_name=SCHEMA)
+def main(cfg: CodeTextbookConfig) -> None:
+    if cfg.summary_only:
+        print_summary(summarize(cfg))
+    else:
+        run_pipeline(cfg)
 
 
 if __name__ == "__main__":

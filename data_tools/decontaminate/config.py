@@ -1,8 +1,8 @@
-"""Typed configuration of the decontamination study (phi-1 §5), loaded like `codetextbook_config`.
+"""Typed configuration of the decontamination study (phi-1 §5).
 
-`conf/decontaminate/<name>.yaml` and `key=value` overrides are merged into `DecontaminateConfig` by OmegaConf
-structured merge, so an unknown key or a value of the wrong type fails at start; semantic checks live in
-`__post_init__`. Every error is a `DecontaminateConfigError` with a one-line message naming the key and valid values.
+Composed by Hydra (`phi_train.cli`): `DecontaminateConfig` <- `conf/decontaminate/<name>.yaml` <- `key=value`
+overrides, so an unknown key or a value of the wrong type fails at start; semantic checks live in `__post_init__`
+and raise `DecontaminateConfigError`, one line naming the key and the valid values.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 from omegaconf import MISSING
 
-from data_tools.tool_config import config_path, load, to_yaml  # noqa: F401  (to_yaml: re-exported for callers)
+from phi_train import cli
+from phi_train.cli import to_yaml  # noqa: F401  (re-exported for the scan)
 from phi_train.errors import CONF_ROOT, PhiTrainError, require
 
 CONF_DIR = CONF_ROOT / "decontaminate"
@@ -159,14 +160,10 @@ class DecontaminateConfig:
     progress: bool = True
 
 
+SCHEMA = "decontaminate_schema"
+"""The ConfigStore name of `DecontaminateConfig`, first in every `conf/decontaminate/*.yaml` defaults list."""
+
+
 def load_config(config_name: str = "demo", overrides: list[str] | None = None) -> DecontaminateConfig:
-    """YAML `conf/decontaminate/<config_name>.yaml` (or a path) <- dotlist overrides, checked against the dataclasses."""
-    path = config_path(CONF_DIR, config_name, DecontaminateConfigError)
-    # OmegaConf would read a bare `ngram.n` as "set to null"; here it is a typo, so say so.
-    bad = [o for o in overrides or () if "=" not in o]
-    if bad:
-        raise DecontaminateConfigError(f"command line: override {bad[0]!r} is not key=value")
-    # `load` takes a schema instance, which must pass `__post_init__` (non-empty paths): a placeholder path,
-    # replaced by the YAML's.
-    schema = DecontaminateConfig(train=TrainSetConfig(paths=["."]))
-    return load(schema, path, overrides, DecontaminateConfigError)
+    """What `python -m data_tools.decontaminate --config-name NAME OVERRIDES...` runs with (NAME may be a path)."""
+    return cli.load(DecontaminateConfig, config_name, overrides or (), CONF_DIR, SCHEMA)

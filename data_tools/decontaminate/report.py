@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from data_tools.decontaminate.config import DecontaminateConfig
     from data_tools.decontaminate.inputs import BenchItem
-    from data_tools.decontaminate.scan import PairScore, ScanResult
+    from data_tools.decontaminate.records import PairScore, ScanResult
 
 PLOT = "removed_vs_tau.png"
 

@@ -30,7 +30,6 @@ import json
 import sys
 import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +37,7 @@ import numpy as np
 import orjson
 from tqdm import tqdm
 
-from data_tools.decontaminate.config import DecontaminateConfig, DecontaminateConfigError, load_config, to_yaml
+from data_tools.decontaminate.config import CONF_DIR, SCHEMA, DecontaminateConfig, DecontaminateConfigError, to_yaml
 from data_tools.decontaminate.inputs import BenchItem, load_benchmark, read_training
 from data_tools.decontaminate.measures import (
     Node,
@@ -52,25 +51,12 @@ from data_tools.decontaminate.measures import (
     split_units,
     tree_size,
 )
+from data_tools.decontaminate.records import PairScore, ScanResult
 from data_tools.sources import SourceError
-from data_tools.tool_config import parse_cli, run_cli
-from phi_train.benchmarks import BenchmarkError
+from phi_train.cli import hydra_command
 from phi_train.errors import ReconcileError
 
 # --- pass 1: n-grams and candidates -------------------------------------------------------------------------------
-
-
-@dataclass
-class ScanResult:
-    item_ids: list[str] = field(default_factory=list)
-    unit_item: list[int] = field(default_factory=list)
-    unit_name: list[str] = field(default_factory=list)
-    unit_text: list[str] = field(default_factory=list)
-    ngram_hits: dict[int, dict[int, int]] = field(default_factory=lambda: defaultdict(dict))
-    """problem -> item -> distinct shared n-grams."""
-    skeleton_top: list[list[tuple[float, int]]] = field(default_factory=list)
-    """Per problem, a min-heap of (containment, unit) of its best skeleton candidates."""
-    counts: Counter = field(default_factory=Counter)
 
 
 def _index(sets: list[set[int]]) -> dict[int, list[int]]:
@@ -156,16 +142,6 @@ def nearest_by_embedding(cfg: DecontaminateConfig, bench: list[BenchItem], units
 
 
 # --- exact scoring on candidates ------------------------------------------------------------------------------------
-
-
-@dataclass
-class PairScore:
-    problem: int
-    unit: int
-    sources: dict[str, float]
-    ast: float | None = None
-    ast_bound: float | None = None
-    difflib: float | None = None
 
 
 def score_candidates(
@@ -365,19 +341,12 @@ def flagged_items(
     return sorted(rows.values(), key=lambda r: (-r["ast"], r["item_id"]))
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_cli("decontaminate", __doc__, "decontaminate", "ngram.n=10 benchmark.name=mbpp", argv)
-
-    def run_and_report(cfg: DecontaminateConfig) -> None:
-        stats = run(cfg)
-        line = ", ".join(f"tau {t}: -{s['removed']}" for t, s in stats["prune"].items())
-        print(
-            f"{stats['train']['items']} items, {stats['items_per_s']} items/s; {line}; "
-            f"report: {cfg.output_dir}/report.md"
-        )
-
-    return run_cli(
-        args, load_config, run_and_report, (DecontaminateConfigError, BenchmarkError, SourceError, ReconcileError)
+@hydra_command(DecontaminateConfig, "demo", CONF_DIR, schema_name=SCHEMA)
+def main(cfg: DecontaminateConfig) -> None:
+    stats = run(cfg)
+    line = ", ".join(f"tau {t}: -{s['removed']}" for t, s in stats["prune"].items())
+    print(
+        f"{stats['train']['items']} items, {stats['items_per_s']} items/s; {line}; report: {cfg.output_dir}/report.md"
     )
 
 

@@ -11,8 +11,10 @@ are missing, and a torn last line (SIGKILL mid-write) is cut off before appendin
 Teacher failures are *not* written (they may be transient and the teacher's cache only holds successes): the next run
 retries them. Counts reconcile: requested == generated + sum(failed per reason).
 
-Both `data_tools.synth.textbooks` and `data_tools.synth.exercises` read one YAML (`conf/synth/<name>.yaml`, which may name a
-base file with `extends: <name>`) into `SynthConfig`, with `key=value` overrides; errors are one-line `SynthConfigError`s.
+Both `data_tools.synth.textbooks` and `data_tools.synth.exercises` run on one `SynthConfig`, composed by Hydra
+(`phi_train.cli`) from `conf/synth/<name>.yaml` (demo and openai start from base by their defaults list) and
+`key=value` overrides. Mappings merge key by key: a file that starts from base and defines `templates` adds to the
+base's prompts; a file of your own that should replace them does not start from base.
 """
 
 from __future__ import annotations
@@ -31,13 +33,16 @@ from typing import Any
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from data_tools.codetextbook.config import DedupConfig, TeacherConfig
-from data_tools.tool_config import config_path, fail, load, to_yaml  # noqa: F401  (fail, to_yaml: re-exported)
+from data_tools.codetextbook.config import DedupConfig
+from phi_train import cli
+from phi_train.cli import to_yaml  # noqa: F401  (re-exported for the generators)
 from phi_train.errors import CONF_ROOT, PhiTrainError, ReconcileError, require
+from phi_train.teacher import TeacherConfig
 
 CONF_DIR = CONF_ROOT / "synth"
 GENERATIONS = "generations.jsonl"
-REPLACED_KEYS = ("templates", "topics")
+SCHEMA = "synth_schema"
+"""The ConfigStore name of `SynthConfig`, first in conf/synth/base.yaml's defaults list."""
 
 
 class SynthConfigError(PhiTrainError):
@@ -144,32 +149,10 @@ class SynthConfig:
         _require(self.chunk_size >= 1, f"chunk_size={self.chunk_size} must be >= 1")
 
 
-def _load_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> Any:
-    """A YAML file merged over the file its `extends:` key names (same directory or a path)."""
-    if path in seen:
-        raise SynthConfigError(f"{path}: `extends` loops back to itself")
-    node = OmegaConf.load(path)
-    base = node.pop("extends", None)
-    if base is None:
-        return node
-    base_path = _config_path(str(base), relative_to=path.parent)
-    parent = _load_yaml_chain(base_path, (*seen, path))
-    # Mappings of templates / topics are replaced, not merged: a file that defines its own templates does not want
-    # the base's prompts mixed in (OmegaConf would union the keys).
-    for section in ("textbooks", "exercises"):
-        for key in REPLACED_KEYS:
-            if OmegaConf.select(node, f"{section}.{key}") is not None and section in parent and key in parent[section]:
-                del parent[section][key]
-    return OmegaConf.merge(parent, node)
-
-
-def _config_path(name: str, relative_to: Path = CONF_DIR) -> Path:
-    return config_path(CONF_DIR, name, SynthConfigError, relative_to)
-
-
 def load_config(config_name: str = "demo", overrides: Sequence[str] = ()) -> SynthConfig:
-    """`conf/synth/<name>.yaml` (or a path) <- dotlist overrides, checked against the dataclasses."""
-    return load(SynthConfig(), _config_path(config_name), overrides, SynthConfigError, yaml_loader=_load_yaml_chain)
+    """What `python -m data_tools.synth.textbooks|exercises --config-name NAME OVERRIDES...` runs with (NAME may be a
+    path to a YAML file)."""
+    return cli.load(SynthConfig, config_name, overrides, CONF_DIR, SCHEMA)
 
 
 def read_topics_file(path: str, want_mapping: bool, key: str = "topics_file") -> Any:
@@ -359,7 +342,7 @@ def run_generation(
 
 
 def teacher_sampling(t: TeacherConfig) -> dict[str, Any]:
-    return {"temperature": t.temperature, "max_tokens": t.max_tokens}
+    return t.sampling()
 
 
 # --- output ---------------------------------------------------------------------------------------------------------
@@ -405,12 +388,3 @@ def print_summary(title: str, rows: list[tuple[str, Any]]) -> None:
     for label, value in rows:
         t.add_row(label, f"{value:,}" if isinstance(value, int) else str(value))
     Console(stderr=True).print(t)
-
-
-def cli_errors() -> tuple[type[Exception], ...]:
-    """The exceptions the synth CLIs print on one line and exit 2 for."""
-    from data_tools.codetextbook.config import CodeTextbookConfigError
-    from data_tools.sources import SourceError
-    from phi_train.teacher import TeacherConfigError
-
-    return (SynthConfigError, ReconcileError, TeacherConfigError, CodeTextbookConfigError, SourceError)

@@ -27,15 +27,15 @@ from typing import Any
 
 from data_tools.codetextbook.dedup import NearDedupIndex
 from data_tools.synth.common import (
+    CONF_DIR,
     GENERATIONS,
+    SCHEMA,
     GenerationStore,
     Item,
     SynthConfig,
     SynthConfigError,
     check_drops,
-    cli_errors,
     draw_items,
-    load_config,
     make_client,
     pick_words,
     print_summary,
@@ -45,7 +45,7 @@ from data_tools.synth.common import (
     to_yaml,
     write_jsonl,
 )
-from data_tools.tool_config import parse_cli, run_cli
+from phi_train.cli import hydra_command
 
 OUTPUT_FILE = "textbooks.jsonl.zst"
 
@@ -167,9 +167,9 @@ def run(cfg: SynthConfig) -> dict[str, Any]:
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_cli("textbooks", __doc__, "synth", "textbooks.count=100", argv)
-    return run_cli(args, load_config, run, cli_errors())
+@hydra_command(SynthConfig, "demo", CONF_DIR, schema_name=SCHEMA)
+def main(cfg: SynthConfig) -> None:
+    run(cfg)
 
 
 if __name__ == "__main__":
