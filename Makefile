@@ -18,8 +18,9 @@ $(STAMP): setup.py Makefile
 
 install: $(STAMP)
 
+# One line per stage; each stage's own output goes to runs/demo/logs/. `make demo DEMO_ARGS=--verbose` shows it all.
 demo: install
-	$(BIN)/python launch/demo.py
+	$(BIN)/python launch/demo.py $(DEMO_ARGS)
 
 test: install
 	$(BIN)/python -m pytest -q tests

@@ -22,6 +22,8 @@ setup(
         "numpy",
         "tqdm",
         "rich",
+        # the demo's CPU seconds per stage, across the process tree (also a DeepSpeed requirement)
+        "psutil",
         "zstandard",
         "orjson",
         "safetensors",
