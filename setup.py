@@ -27,6 +27,9 @@ setup(
         "zstandard",
         "orjson",
         "safetensors",
+        # phi_train/serve.py: the OpenAI-compatible server on a real HTTP stack (request models are pydantic's)
+        "fastapi>=0.110",
+        "uvicorn>=0.30",
     ],
     extras_require={
         "flash": ["flash-attn>=2.5"],

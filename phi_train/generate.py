@@ -11,8 +11,10 @@ greedy must be exact; sampling serves pass@k):
    string is finished and **dropped from the batch** (`KVCache.reorder`), so the batch shrinks as rows finish;
 4. completions are decoded, cut before the first stop string and returned in the caller's order.
 
-Sampling draws every row from its own `torch.Generator` seeded by `seed + prompt index`, so a prompt's sample does not
-depend on the batch size or on which other prompts share its batch.
+Sampling draws every row from its own `torch.Generator`, seeded by the caller's per-prompt `seeds` or else by
+`row_seed(seed, prompt index)`, so a prompt's sample does not depend on the batch size or on which other prompts share
+its batch. `row_seed` mixes the pair through splitmix64 rather than adding (`seed + i` made row 1 of seed 0 the same
+stream as row 0 of seed 1, and the server's concurrent requests with nearby seeds drew the same text).
 """
 
 from __future__ import annotations
@@ -51,6 +53,31 @@ def prompt_budget(max_seq_len: int, max_new_tokens: int) -> int:
     stops when prompt + completion fill the context.
     """
     return max_seq_len - min(max_new_tokens, max_seq_len // 2)
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def row_seed(seed: int, index: int) -> int:
+    """A 63-bit generator seed for prompt `index` of a call seeded `seed`: splitmix64 of the pair, so (seed, i) and
+    (seed + 1, i - 1) are unrelated streams."""
+    x = (seed * 0x9E3779B97F4A7C15 + index + 1) & _MASK64
+    for _ in range(2):
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+        x ^= x >> 31
+    return x >> 1  # manual_seed takes any int, but a non-negative one stays valid on every backend
+
+
+def _row_seeds(n: int, seed: int, seeds: Sequence[int] | None) -> list[int]:
+    if seeds is None:
+        return [row_seed(seed, i) for i in range(n)]
+    if len(seeds) != n:
+        raise GenerateError(f"seeds has {len(seeds)} entries for {n} prompts: give one seed per prompt (or none)")
+    bad = [s for s in seeds if isinstance(s, bool) or not isinstance(s, int) or s < 0]
+    if bad:
+        raise GenerateError(f"seeds must be non-negative integers, got {bad[0]!r}")
+    return list(seeds)
 
 
 def _check_args(max_new_tokens: int, temperature: float, top_p: float, batch_size: int) -> None:
@@ -131,9 +158,11 @@ def generate_ids(
     eos_id: int | None = None,
     vocab_size: int | None = None,
     seed: int = 0,
+    seeds: Sequence[int] | None = None,
     batch_size: int = 16,
     should_stop=None,
     on_token=None,
+    on_finish=None,
     progress: bool = False,
 ) -> list[list[int]]:
     """New token ids for every prompt (ids in), in the caller's order; EOS is not included.
@@ -142,10 +171,14 @@ def generate_ids(
     `should_stop(new_ids) -> bool`: a text-level stop test, called after each new token of a row.
     `on_token(index, new_ids)`: called after each new token of prompt `index` (for streaming), before should_stop; a
     true return ends that row (a client that went away).
+    `seeds`: one sampling seed per prompt (default `row_seed(seed, index)`).
+    `on_finish(index, reason)`: why prompt `index` ended: "stop" (EOS or should_stop), "length" (max_new_tokens or the
+    context filled) or "cancelled" (on_token asked).
     Prompts longer than `prompt_budget(...)` keep their last tokens; no row grows past the model's max_seq_len.
     """
     cfg: ModelConfig = model.cfg
     _check_args(max_new_tokens, temperature, top_p, batch_size)
+    row_seeds = _row_seeds(len(prompts), seed, seeds)
     for i, p in enumerate(prompts):
         if len(p) == 0:
             raise GenerateError(f"prompt {i} is empty; give at least one token (e.g. the EOS id that starts documents)")
@@ -173,9 +206,10 @@ def generate_ids(
                 top_p,
                 eos_id,
                 vocab_size,
-                seed,
+                row_seeds,
                 should_stop,
                 on_token,
+                on_finish,
                 device,
             )
             for i, ids in zip(rows, results):
@@ -205,12 +239,13 @@ def _generate_batch(
     top_p: float,
     eos_id: int | None,
     vocab_size: int | None,
-    seed: int,
+    seeds: list[int],
     should_stop,
     on_token,
+    on_finish,
     device: torch.device,
 ) -> list[list[int]]:
-    """New ids of one left-padded batch; `indices` are the prompts' positions in the caller's list (sampling seeds)."""
+    """New ids of one left-padded batch; `indices` are the prompts' positions in the caller's list (into `seeds`)."""
     cfg = model.cfg
     B = len(prompts)
     ids, positions, pad, mask = prefill_inputs(prompts, pad_id=eos_id if eos_id is not None else 0, device=device)
@@ -221,8 +256,9 @@ def _generate_batch(
     cache = KVCache(cfg.n_layer, B, cfg.n_head, L + steps, cfg.head_dim, device, dtype)
     generators = None
     if temperature > 0:
-        generators = [torch.Generator(device=device).manual_seed(seed + i) for i in indices]
+        generators = [torch.Generator(device=device).manual_seed(seeds[i]) for i in indices]
     new: list[list[int]] = [[] for _ in range(B)]
+    reasons = ["length"] * B
     alive = list(range(B))  # batch row -> index into `new`
     # rows of equal length need no mask and no per-row positions: attention then takes its causal kernels (flash)
     pads = [L - len(p) for p in prompts]  # host copy of `pad`, kept in step with it
@@ -236,13 +272,19 @@ def _generate_batch(
         nxt = sample_next(logits, temperature, top_p, generators)
         keep: list[int] = []
         for row, token in enumerate(nxt.tolist()):
-            seq = new[alive[row]]
+            r = alive[row]
+            seq = new[r]
             if token == eos_id:
+                reasons[r] = "stop"
                 continue
             seq.append(token)
-            if on_token is not None and on_token(indices[alive[row]], seq):
+            if on_token is not None and on_token(indices[r], seq):
+                reasons[r] = "cancelled"
                 continue
-            if len(seq) >= limit[alive[row]] or (should_stop is not None and should_stop(seq)):
+            if should_stop is not None and should_stop(seq):
+                reasons[r] = "stop"
+                continue
+            if len(seq) >= limit[r]:
                 continue
             keep.append(row)
         if not keep or step == steps - 1:
@@ -262,6 +304,9 @@ def _generate_batch(
         step_mask = (torch.arange(S, device=device)[None, :] >= pad[:, None])[:, None, None, :]  # (B, 1, 1, S)
         step_pos = (cache.length - pad)[:, None]
         logits = _next_logits(model, nxt[:, None], positions=step_pos, attn_mask=step_mask, cache=cache)
+    if on_finish is not None:
+        for r, reason in enumerate(reasons):
+            on_finish(indices[r], reason)
     return new
 
 
@@ -331,9 +376,11 @@ def generate(
     top_p: float = 1.0,
     stop: Sequence[str] = (),
     seed: int = 0,
+    seeds: Sequence[int] | None = None,
     batch_size: int = 16,
     on_text=None,
     cancelled=None,
+    on_finish=None,
     fixed_length: bool = False,
     progress: bool = False,
 ) -> list[str]:
@@ -343,13 +390,14 @@ def generate(
     `on_text(index, delta)` streams: called with each new piece of prompt `index`'s completion as tokens arrive; the
     pieces of a prompt concatenate to exactly its returned completion. `cancelled(index) -> bool`, checked after each
     token, ends that prompt's decoding early (its text is then whatever was generated so far).
+    `seeds` / `on_finish`: as `generate_ids` (a stop string counts as "stop"; not with fixed_length).
     `fixed_length`: decode max_new_tokens for every prompt, cutting at EOS and stop strings only afterwards, so the
     number of forward passes does not depend on what is sampled (ranks of a ZeRO-3 model must all run the same ones).
     """
     if isinstance(prompts, str):
         raise GenerateError("prompts must be a list of strings, got a single string (wrap it: [prompt])")
-    if fixed_length and on_text is not None:
-        raise GenerateError("fixed_length=True decodes past EOS and stop strings: it cannot stream (on_text)")
+    if fixed_length and (on_text is not None or on_finish is not None):
+        raise GenerateError("fixed_length=True decodes past EOS and stop strings: it cannot stream (on_text/on_finish)")
     encoded = [tokenizer.encode(p) or [tokenizer.eos_id] for p in prompts]
     watch = _StopWatch(tokenizer, stop)
     keep = prompt_budget(model.cfg.max_seq_len, max_new_tokens)
@@ -369,9 +417,11 @@ def generate(
         eos_id=None if fixed_length else tokenizer.eos_id,
         vocab_size=tokenizer.vocab_size,
         seed=seed,
+        seeds=seeds,
         batch_size=batch_size,
         should_stop=watch.hit if watch.stop and not fixed_length else None,
         on_token=on_token if streams is not None or cancelled is not None else None,
+        on_finish=on_finish,
         progress=progress,
     )
     if fixed_length:  # what decoding would have stopped at

@@ -297,25 +297,36 @@ class TeacherClient:
             usage.prompt_tokens * self.price_prompt_per_1k + usage.completion_tokens * self.price_completion_per_1k
         ) / 1000
 
-    async def complete_many(self, prompts: list[Messages | str], **sampling: Any) -> list[Reply]:
-        """One reply per prompt (a string is a single user message), in order; failures are `Reply(None, reason)`."""
+    async def complete_many(
+        self, prompts: list[Messages | str], seeds: list[int] | None = None, **sampling: Any
+    ) -> list[Reply]:
+        """One reply per prompt (a string is a single user message), in order; failures are `Reply(None, reason)`.
+
+        `seeds`: one `seed` per request (the synth jobs derive it from the item id), so prompts that share sampling
+        settings are still sampled independently and reproducibly; it is part of the cache key like any sampling field.
+        """
         messages = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in prompts]
+        if seeds is not None and len(seeds) != len(messages):
+            raise TeacherConfigError(f"teacher: {len(seeds)} seeds for {len(messages)} prompts (give one per prompt)")
+        per_request = [sampling if seeds is None else sampling | {"seed": s} for s in (seeds or [None] * len(messages))]
         self.stats.requests += len(messages)
         sem, limiter = asyncio.Semaphore(self.max_concurrency), _RateLimiter(self.requests_per_minute)
         api = self._make_openai()
         bar = tqdm(total=len(messages), desc="teacher", unit="req", disable=not self.progress)
 
-        async def run(m: Messages) -> Reply:
+        async def run(m: Messages, sampling: dict[str, Any]) -> Reply:
             r = await self._one(api, sem, limiter, m, sampling)
             bar.update()
             return r
 
         try:
-            return list(await asyncio.gather(*(run(m) for m in messages)))
+            return list(await asyncio.gather(*(run(m, s) for m, s in zip(messages, per_request, strict=True))))
         finally:
             bar.close()
             await api.close()
 
-    def complete_many_sync(self, prompts: list[Messages | str], **sampling: Any) -> list[Reply]:
+    def complete_many_sync(
+        self, prompts: list[Messages | str], seeds: list[int] | None = None, **sampling: Any
+    ) -> list[Reply]:
         """`complete_many` for synchronous code (not from inside a running event loop)."""
-        return asyncio.run(self.complete_many(prompts, **sampling))
+        return asyncio.run(self.complete_many(prompts, seeds, **sampling))

@@ -12,7 +12,15 @@ import torch
 from tiny import fused_pair
 
 from phi_train.config import model_config
-from phi_train.generate import GenerateError, cut_at_stop, generate, generate_ids, prefill_inputs, sample_next
+from phi_train.generate import (
+    GenerateError,
+    cut_at_stop,
+    generate,
+    generate_ids,
+    prefill_inputs,
+    row_seed,
+    sample_next,
+)
 from phi_train.model import PhiModel
 
 torch.set_num_threads(1)
@@ -95,11 +103,52 @@ def test_sampling_is_reproducible_and_independent_of_batch_company():
     assert a == generate_ids(model, PROMPTS, seed=7, **kw)
     assert a != generate_ids(model, PROMPTS, seed=8, **kw)
     assert a != generate_ids(model, PROMPTS, **{**kw, "temperature": 0.0})
-    # prompt i draws from generator seed + i, whatever else is in its batch
+    # prompt i draws from its own generator (row_seed(7, i)), whatever else is in its batch
     assert generate_ids(model, PROMPTS, seed=7, batch_size=2, **kw) == a
     # the same prompt twice gets two different samples (pass@k needs that)
     twice = generate_ids(model, [PROMPTS[0], PROMPTS[0]], seed=7, **kw)
     assert twice[0] == a[0] and twice[1] != twice[0]
+
+
+def test_per_prompt_seeds_are_the_rows_streams_and_never_seed_plus_index():
+    """The old scheme seeded row i with seed + i, so a batch seeded 1 replayed rows 1.. of a batch seeded 0 shifted by
+    one. Now the pair is mixed, and an explicit per-prompt seed fixes a row's sample wherever it sits."""
+    model = tiny_model()
+    kw = {"max_new_tokens": 12, "vocab_size": VOCAB, "temperature": 1.0}
+    same = [PROMPTS[0]] * 6
+    zero, one = generate_ids(model, same, seed=0, **kw), generate_ids(model, same, seed=1, **kw)
+    assert all(one[i] != zero[i + 1] for i in range(5))
+    assert len({tuple(x) for x in zero}) == 6  # six samples of one prompt: six different texts
+    seeds = {(s, i): row_seed(s, i) for s in range(50) for i in range(50)}
+    assert len(set(seeds.values())) == len(seeds) and all(0 <= v < 2**63 for v in seeds.values())
+    # an explicit seed travels with its prompt: reordering the batch (and its company) does not change its sample
+    mine = generate_ids(model, [PROMPTS[1], PROMPTS[2], PROMPTS[3]], seeds=[11, 22, 33], batch_size=2, **kw)
+    moved = generate_ids(model, [PROMPTS[3], PROMPTS[0], PROMPTS[1]], seeds=[33, 5, 11], batch_size=3, **kw)
+    assert moved[0] == mine[2] and moved[2] == mine[0]
+    for bad, msg in (([1], "2 prompts"), ([1, -2], "non-negative"), ([1, 2.5], "non-negative")):
+        with pytest.raises(GenerateError, match=msg):
+            generate_ids(model, PROMPTS[:2], seeds=bad, **kw)
+
+
+def test_finish_reasons_say_why_each_row_ended(tokenizer):
+    model = tiny_model(seed=3, vocab=tokenizer.vocab_size)
+    prompts = ["def add(a, b):\n", "class Point:\n    def", "x"]
+    free = generate(model, tokenizer, prompts, max_new_tokens=6)
+    reasons: dict[int, str] = {}
+    generate(model, tokenizer, prompts, max_new_tokens=6, on_finish=lambda i, r: reasons.__setitem__(i, r))
+    assert reasons == {0: "length", 1: "length", 2: "length"} and all(free)
+    stop = free[0][2:4]
+    reasons.clear()
+    generate(model, tokenizer, prompts[:1], max_new_tokens=6, stop=[stop], on_finish=reasons.__setitem__)
+    assert reasons == {0: "stop"}
+    reasons.clear()
+    generate(model, tokenizer, prompts, max_new_tokens=6, cancelled=lambda i: i == 2, on_finish=reasons.__setitem__)
+    assert reasons == {0: "length", 1: "length", 2: "cancelled"}
+    # the context (max_seq_len 96) ends a row before max_new_tokens does: that is a length cut too
+    reasons.clear()
+    long = " ".join(["x = 1"] * 200)
+    generate(model, tokenizer, [long], max_new_tokens=40, on_finish=reasons.__setitem__)
+    assert reasons == {0: "length"}
 
 
 def test_nucleus_keeps_only_the_top_mass():

@@ -1,14 +1,19 @@
-"""launch/serve.py on a real (random, tiny) checkpoint, over real HTTP on 127.0.0.1, with the official openai client.
+"""launch/serve.py on a real (random, tiny) checkpoint, over real HTTP on 127.0.0.1, with the official openai client
+and raw sockets for what no client would send.
 
 Checks: completions and chat completions with usage, /v1/models and /health, greedy output equal to in-process
 `generate()`, concurrent requests batched (fewer batches than requests), SSE streaming token by token (pieces add up
-to the non-streamed text), one-line errors for bad requests and for a bad checkpoint.
+to the non-streamed text), OpenAI's semantics (404 model_not_found, models.retrieve, n > 1, echo, seeds random by
+default and reproducible when given, refused parameters named, finish_reason "length" when the context cut the
+reply), malformed HTTP (bad UTF-8, NaN, 1e400, chunked bodies, short bodies, oversize bodies, other methods) answered
+with OpenAI-shaped JSON, generation faults as 500, abandoned requests cancelled, one-line errors for a bad checkpoint.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -80,7 +85,7 @@ def checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def served(checkpoint):
-    s = ServeProcess(checkpoint, "max_batch=8", "batch_wait_ms=150")
+    s = ServeProcess(checkpoint, "max_batch=8", "batch_wait_ms=150", "read_timeout_s=1", "max_request_mb=0.05")
     yield s
     s.close()
 
@@ -225,3 +230,208 @@ def test_health_counts_while_busy(served):
     assert during["status"] == "ok" and during["requests"] == before["requests"] + 1
     assert after["requests"] == during["requests"] and after["generate_calls"] == before["generate_calls"] + 1
     assert after["batches"] == before["batches"] + 1 and after["errors"] == before["errors"]
+
+
+def raw_http(served: ServeProcess, request: bytes, timeout: float = 30) -> tuple[int, dict | str]:
+    """Send bytes as they are on a fresh connection; (status, JSON body or text) of the reply."""
+    host, port = served.root.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.sendall(request)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = [int(h.split(b":")[1]) for h in head.split(b"\r\n") if h.lower().startswith(b"content-length:")]
+            if length and len(body) >= length[0]:
+                break
+    head, _, body = data.partition(b"\r\n\r\n")
+    status = int(head.split()[1])
+    try:
+        return status, json.loads(body)
+    except ValueError:
+        return status, body.decode("utf-8", "replace")
+
+
+def post(path: str, body: bytes, extra: str = "") -> bytes:
+    head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{extra}"
+    if "Transfer-Encoding" not in extra and "Content-Length" not in extra:
+        head += f"Content-Length: {len(body)}\r\n"
+    return head.encode() + b"Connection: close\r\n\r\n" + body
+
+
+def assert_openai_error(status: int, body, want_status: int, *words: str) -> None:
+    assert status == want_status, (status, body)
+    assert isinstance(body, dict) and set(body["error"]) >= {"message", "type", "param", "code"}, body
+    for w in words:
+        assert w in body["error"]["message"] or w == body["error"]["param"], (w, body)
+
+
+def test_malformed_http_gets_openai_shaped_answers(served):
+    ok = json.dumps({"model": "phi-train", "prompt": "def add(a, b):\n", "max_tokens": 6, "temperature": 0}).encode()
+    status, plain = raw_http(served, post("/v1/completions", ok))
+    assert status == 200 and plain["choices"][0]["text"]
+    # a chunked body is read whole, not answered as an empty prompt
+    chunked = (
+        b"".join(b"%x\r\n%s\r\n" % (len(ok[i : i + 7]), ok[i : i + 7]) for i in range(0, len(ok), 7)) + b"0\r\n\r\n"
+    )
+    status, body = raw_http(served, post("/v1/completions", chunked, "Transfer-Encoding: chunked\r\n"))
+    assert status == 200 and body["choices"][0]["text"] == plain["choices"][0]["text"]
+    assert body["usage"]["prompt_tokens"] == plain["usage"]["prompt_tokens"]
+
+    cases = [
+        (b'{"model": "phi-train", "prompt": "\xff\xfe"}', 400, "UTF-8"),
+        (b'{"model": "phi-train", "prompt": "x", "max_tokens": 1e400}', 400, "max_tokens"),
+        (b'{"model": "phi-train", "prompt": "x", "max_tokens": NaN}', 400, "NaN"),
+        (b'{"model": "phi-train", "prompt": "x", "temperature": Infinity}', 400, "Infinity"),
+        (b'{"model": "phi-train", "prompt": "x", "max_tokens": 6.5}', 400, "max_tokens"),
+        (b'{"model": "phi-train", "prompt": "x", "stream": "no"}', 400, "stream"),
+        (b'{"model": "phi-train", "prompt": "x", "n": 0}', 400, "n"),
+        (b'{"model": "phi-train", "prompt": "x", "max_tokens": 100000}', 400, "max_tokens"),
+        (b'{"model": "phi-train", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}', 400, "stop"),
+        (b'{"model": "phi-train"}', 400, "prompt"),
+        (b'{"prompt": "x"}', 400, "model"),
+        (b"", 400, "empty"),
+        (b"[1, 2]", 400, "object"),
+        (b'{"model": "phi-train", "prompt": [1, 2]}', 400, "prompt"),
+        (b'{"model": "phi-train", "prompt": "x", "tools": []}', 400, "tools"),
+        (b"[" * 5000 + b"]" * 5000, 400, "nested"),
+        (b'{"model": "gpt-5", "prompt": "x"}', 404, "gpt-5"),
+    ]
+    for body, want, word in cases:
+        assert_openai_error(*raw_http(served, post("/v1/completions", body)), want, word)
+    status, body = raw_http(served, post("/v1/chat/completions", b'{"model": "phi-train", "messages": []}'))
+    assert_openai_error(status, body, 400, "messages")
+    # a body larger than max_request_mb=0.05 (declared or not), and one that never arrives in full (read_timeout_s=1)
+    big = json.dumps({"model": "phi-train", "prompt": "x" * 60_000}).encode()
+    assert_openai_error(*raw_http(served, post("/v1/completions", big)), 413, "limit")
+    huge_chunk = b"%x\r\n%s\r\n0\r\n\r\n" % (len(big), big)
+    assert_openai_error(*raw_http(served, post("/v1/completions", huge_chunk, "Transfer-Encoding: chunked\r\n")), 413)
+    short = post("/v1/completions", ok[:10], f"Content-Length: {len(ok)}\r\n")
+    assert_openai_error(*raw_http(served, short), 408, "did not arrive")
+    for method in ("PUT", "DELETE", "PATCH"):
+        req = f"{method} /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        assert_openai_error(*raw_http(served, req.encode()), 405, method)
+    assert_openai_error(*raw_http(served, b"GET /v2/nothing HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"), 404)
+    assert served.get("/health")["status"] == "ok"  # and the server is still up
+
+
+def test_openai_semantics_with_the_official_client(served):
+    client = openai.OpenAI(base_url=served.url, api_key="unused", max_retries=0, timeout=60)
+    assert client.models.retrieve("phi-train").id == "phi-train"
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("gpt-4")
+    assert e.value.code == "model_not_found"
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model="gpt-4", prompt="x", max_tokens=2)
+    assert e.value.code == "model_not_found" and "gpt-4" in e.value.message
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "x"}], max_tokens=2)
+
+    # no seed: every request draws a fresh one, so the same prompt three times is three samples
+    kw = {"model": "phi-train", "prompt": "def", "max_tokens": 12, "temperature": 1.0}
+    texts = [client.completions.create(**kw).choices[0].text for _ in range(3)]
+    assert len(set(texts)) == 3, texts
+    # n choices are n different samples; with a seed they are reproducible, alone or batched with other requests
+    r = client.completions.create(**kw, n=4, seed=5)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3] and len({c.text for c in r.choices}) == 4
+    one = client.completions.create(**kw | {"max_tokens": 1})
+    assert r.usage.prompt_tokens == one.usage.prompt_tokens  # the prompt counts once, whatever n
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(client.completions.create, **kw, n=4, seed=5)] + [
+            pool.submit(client.completions.create, **kw, seed=s) for s in (1, 2, 3)
+        ]
+        again = futures[0].result()
+    assert [c.text for c in again.choices] == [c.text for c in r.choices]
+    two = client.completions.create(**kw | {"prompt": ["def", "import"]}, n=2, seed=5)
+    assert len(two.choices) == 4 and [c.text for c in two.choices[:2]] == [c.text for c in r.choices[:2]]
+    chat = client.chat.completions.create(model="phi-train", messages=[{"role": "user", "content": "hi"}], n=3,
+                                          max_tokens=10, temperature=1.0, seed=9)  # fmt: skip
+    assert len(chat.choices) == 3 and len({c.message.content for c in chat.choices}) >= 2
+
+    # echo is honoured; what the server cannot honour is refused by name, never silently ignored
+    e1 = client.completions.create(model="phi-train", prompt="def f(", max_tokens=4, temperature=0, echo=True)
+    e0 = client.completions.create(model="phi-train", prompt="def f(", max_tokens=4, temperature=0)
+    assert e1.choices[0].text == "def f(" + e0.choices[0].text
+    refused = [
+        ({"logprobs": 2}, "logprobs"),
+        ({"best_of": 3}, "best_of"),
+        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"frequency_penalty": -1.0}, "frequency_penalty"),
+        ({"logit_bias": {"5": 10}}, "logit_bias"),
+        ({"suffix": "}"}, "suffix"),
+        ({"extra_body": {"mirostat": 1}}, "mirostat"),
+    ]
+    for extra, name in refused:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model="phi-train", prompt="x", max_tokens=2, **extra)
+        assert name in e.value.message and e.value.body["param"] == name, e.value.body
+    with pytest.raises(openai.BadRequestError, match="logprobs"):
+        client.chat.completions.create(model="phi-train", messages=[{"role": "user", "content": "x"}], logprobs=True)
+
+    # finish_reason: "length" for max_tokens and when the context (max_seq_len 128) ended the reply before it
+    r = client.completions.create(model="phi-train", prompt="def", max_tokens=3, temperature=0)
+    assert r.choices[0].finish_reason == "length"
+    long = "x = [1, 2, 3]\n" * 40
+    r = client.completions.create(model="phi-train", prompt=long, max_tokens=100, temperature=0)
+    assert r.usage.prompt_tokens == 64 and r.choices[0].finish_reason == "length", r
+    assert r.usage.completion_tokens < 100
+
+
+def test_generation_faults_are_5xx_and_abandoned_requests_are_cancelled(local_model):
+    """The app in-process (uvicorn on a thread, real HTTP): a fault in the model is a 500 server_error, and clients
+    that hang up have their requests cancelled instead of generating for nobody."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from phi_train.serve import Server, make_app
+
+    model, tok = local_model
+    server = Server(model, tok, "phi-train", max_batch=4, wait_s=0.01)
+    sock = socket.create_server(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    uv = uvicorn.Server(uvicorn.Config(make_app(server), log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not uv.started:
+        time.sleep(0.01)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
+    try:
+        forward = model.forward
+
+        def broken(*a, **kw):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+        model.forward = broken
+        try:
+            with pytest.raises(openai.InternalServerError) as e:
+                client.completions.create(model="phi-train", prompt="x", max_tokens=4)
+            assert e.value.body["type"] == "server_error" and "illegal memory access" in e.value.body["message"]
+            stream = client.completions.create(model="phi-train", prompt="x", max_tokens=4, stream=True)
+            with pytest.raises(openai.APIError, match="illegal memory access"):
+                list(stream)
+        finally:
+            model.forward = forward
+        assert server.health()["errors"] == 2
+
+        # three clients send long requests and hang up; their jobs are cancelled, not generated to the end
+        body = json.dumps({"model": "phi-train", "prompt": "def", "max_tokens": 120, "temperature": 0}).encode()
+        socks = []
+        for _ in range(3):
+            s = socket.create_connection(("127.0.0.1", port))
+            s.sendall(post("/v1/completions", body))
+            socks.append(s)
+        while server.health()["requests"] < 5:
+            time.sleep(0.01)
+        for s in socks:
+            s.close()
+        r = client.completions.create(model="phi-train", prompt="def", max_tokens=4, temperature=0)
+        assert r.choices[0].text
+        deadline = time.monotonic() + 60
+        while server.health()["cancelled"] < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert server.health()["cancelled"] == 3
+    finally:
+        uv.should_exit = True
+        thread.join(timeout=30)

@@ -65,6 +65,15 @@ EXERCISES = {
     "ex-wrong": ('    """Return the number of even elements of xs."""\n    return len(xs)\n',
                  ["assert solve_task([1, 2, 4]) == 2"]),
     "ex-loop": ('    """Return xs sorted."""\n    while True:\n        pass\n', ["assert solve_task([2, 1]) == [1, 2]"]),
+    # the tests pass for `return None` too: the mutation check drops it as vacuous_tests
+    "ex-vacuous": ('    """Return the largest element of xs, or None when xs is empty."""\n    return max(xs) if xs else None\n',
+                   ["assert solve_task([]) is None"]),
+    # an assert on a tuple is always true: vacuous_assert, before any sandbox run
+    "ex-tuple": ('    """Return the sum of xs."""\n    return 0\n', ['assert (solve_task([1, 2]) == 3, "sum")']),
+    # a body that walks the frames to the harness's report function: introspection
+    "ex-frame": ('    """Return the sum of xs."""\n    import sys\n    f = sys._getframe()\n    while f is not None:\n'
+                 "        if '_report' in f.f_globals:\n            f.f_globals['_report']('passed')\n"
+                 "        f = f.f_back\n    return 0\n", ["assert solve_task([1, 2]) == 3"]),
     "ex-hostile": ('    """Return the length of xs."""\n    import subprocess\n'
                    "    subprocess.run(['touch', MARKER])\n    open(MARKER, 'w').write('pwned')\n    return len(xs)\n",
                    ["assert solve_task([1]) == 1"]),
@@ -138,7 +147,7 @@ class FaultyTeacher(FakeChatServer):
 TEXTBOOK_CASES = ["ok-1", "ok-2", "429", "500", "500-always", "slow", "disconnect", "garbage", "empty-choice",
                   "syntax", "nocode", "short", "dup"]  # fmt: skip
 EXERCISE_CASES = ["ex-ok", "ex-ok2", "ex-429", "ex-wrong", "ex-loop", "ex-hostile", "ex-malformed", "ex-wrongname",
-                  "500-always"]  # fmt: skip
+                  "ex-vacuous", "ex-tuple", "ex-frame", "500-always"]  # fmt: skip
 
 
 def write_config(path: Path, url: str, work: Path, **extra: str) -> Path:
@@ -199,6 +208,15 @@ def test_textbooks_against_a_faulty_teacher(tmp_path, key):
         assert g["failed"] == {"http_500": 1}  # only the permanent failure; every transient one was retried
         assert s["generated"] == s["kept"] + sum(s["dropped"].values())
         assert s["dropped"] == {"code_syntax_error": 1, "no_code": 1, "too_short": 1, "exact_duplicate": 1}
+        # every request carried its item's own seed
+        seeds = [r["seed"] for r in teacher.requests]
+        assert None not in seeds and len(set(seeds)) == len(TEXTBOOK_CASES)
+        d = json.loads((tmp_path / "tb_work" / "diversity.json").read_text())
+        assert {k: d["replies"][k] for k in ("texts", "exact_duplicates", "near_duplicates", "exact_duplicate_rate")} \
+            == {"texts": 12, "exact_duplicates": 1, "near_duplicates": 0, "exact_duplicate_rate": 1 / 12}  # fmt: skip
+        assert 0 < d["replies"]["cluster_entropy"] <= 1 and 0 < d["replies"]["distinct_2"] <= 1
+        assert d["kept"] == 8 and d["topics_requested"]["subtopic"]["dup"] == 1 and d["dropped"] == s["dropped"]
+        assert 0 < d["distinct_1"] < d["distinct_2"] <= d["distinct_3"] <= 1 and d["clusters"] == 4
         out = read_zst(tmp_path / "tb_out" / textbooks.OUTPUT_FILE)
         assert len(out) == s["kept"] == 8 and len({r["id"] for r in out}) == 8
         for r in out:
@@ -283,8 +301,14 @@ def test_exercises_against_a_faulty_teacher_are_sandbox_validated(tmp_path, key)
         "sandbox_failed": 1,
         "sandbox_timeout": 1,
         "sandbox_error": 1,
+        "vacuous_tests": 1,
+        "vacuous_assert": 1,
+        "introspection": 1,
     }
-    assert s["sandbox_verdicts"] == {"passed": 3, "failed": 1, "timeout": 1, "error": 1}
+    assert s["sandbox_verdicts"] == {"passed": 4, "failed": 1, "timeout": 1, "error": 1}
+    d = json.loads((tmp_path / "ex_work" / "diversity-teacher.json").read_text())
+    assert d == s["diversity"] and d["kept"] == 3 and d["dropped"] == s["dropped"]
+    assert d["replies"]["texts"] == g["generated"] and d["prompt_space"] == len(EXERCISE_CASES)
     assert not marker.exists()  # the hostile body ran only inside the sandbox
     out = read_zst(tmp_path / "ex_out" / "teacher.jsonl.zst")
     assert len(out) == 3
@@ -415,6 +439,11 @@ def test_generators_complete_against_our_own_served_model(tmp_path, key):
     assert e["generation"]["generated"] == 3 == e["kept"] + sum(e["dropped"].values())
     assert e["dropped"].get("malformed_reply", 0) >= 2
     assert health["requests"] == 7 and health["batches"] <= 7
+    # distinct items, distinct samples (each request carried its item's seed; the server seeds rows separately)
+    replies = [json.loads(line)["reply"] for line in (tmp_path / "tw" / GENERATIONS).read_text().splitlines()]
+    assert len(replies) == 4 and len(set(replies)) == 4
+    d = json.loads((tmp_path / "tw" / "diversity.json").read_text())
+    assert d["replies"]["texts"] == 4 and d["replies"]["exact_duplicates"] == 0 and d["prompt_space"] > 10**6
 
 
 def test_diversity_seeds_are_reproducible_and_user_topics_replace_the_defaults(tmp_path):
@@ -433,3 +462,87 @@ def test_diversity_seeds_are_reproducible_and_user_topics_replace_the_defaults(t
     assert len({(i.seeds["topic"], i.seeds["subtopic"]) for i in tb}) >= 15 and len({i.template for i in tb}) == 2
     with pytest.raises(ValueError, match="textbooks.topics_file='/nope.yaml' does not exist"):
         textbooks.build_items(load_config("demo", ["textbooks.topics_file=/nope.yaml"]))
+
+
+def test_a_job_with_failed_items_exits_1_with_the_count_and_the_command(tmp_path, key, capsys):
+    teacher = FaultyTeacher(hostile_marker=str(tmp_path / "unused"))
+    try:
+        cfg = write_config(tmp_path / "c.yaml", teacher.url, tmp_path, tb_count="3",
+                           tb_cases='["500-always", "ok-1", "ok-2"]')  # fmt: skip
+        assert textbooks.main(["--config-name", str(cfg)]) == 1
+        err = capsys.readouterr().err
+        assert "2 failed" not in err and "1 of 3 items still failed" in err and "http_500: 1" in err
+        assert f"python -m data_tools.synth.textbooks --config-name {cfg}" in err and "allow_partial=true" in err
+        assert len(read_zst(tmp_path / "tb_out" / textbooks.OUTPUT_FILE)) == 2  # the partial set is written anyway
+        # a config file without a defaults list takes overrides of its own keys only: the setting goes in the file
+        cfg.write_text(cfg.read_text() + "allow_partial: true\n")
+        assert textbooks.main(["--config-name", str(cfg)]) == 0
+        assert "accepted (allow_partial=true)" in capsys.readouterr().err
+        cfg_ex = write_config(tmp_path / "e.yaml", teacher.url, tmp_path)
+        assert exercises.main(["--config-name", str(cfg_ex)]) == 1
+        assert "1 of 12 items still failed" in capsys.readouterr().err
+    finally:
+        teacher.close()
+
+
+def test_always_true_asserts_and_introspection_are_rejected_statically():
+    from data_tools.synth.exercises import static_reason
+
+    head = 'def f(x):\n    """Return x + 1."""\n'
+    vacuous = ['assert (f(1) == 2, "msg")', "assert (lambda: f(1) == 2)", "assert 'f(1) == 2'", "assert 1",
+               "assert [f(1)]", "assert {f(1): 2}", "assert (f(i) for i in [1])", "assert f(1) == 2 or True",
+               'assert f"{f(1)} == 2"', "assert (y := (f(1), 2))", "if True:\n    assert (f(1), 2)"]  # fmt: skip
+    for test in vacuous:
+        assert static_reason(Exercise(head, "    return x + 1\n", [test], "f")) == "vacuous_assert", test
+    meaningful = ["assert f(1) == 2", "assert not f(-1)", "assert f(1) and True", "assert []", "assert f(1) or f(2)"]
+    for test in meaningful:
+        assert static_reason(Exercise(head, "    return x + 1\n", [test], "f")) is None, test
+    hacks = ["    import inspect\n    return inspect.currentframe().f_back.f_locals['x']\n",
+             "    import gc\n    return len(gc.get_objects())\n", "    __builtins__['len'] = 1\n    return x\n",
+             "    import sys\n    return sys._getframe(1).f_globals\n"]  # fmt: skip
+    for body in hacks:
+        assert static_reason(Exercise(head, body, ["assert f(1) == 2"], "f")) == "introspection", body
+    assert static_reason(Exercise(head, "    return x\n", ["import sys\nassert sys.modules and f(1)"], "f"))
+
+
+def test_mutation_check_drops_tests_that_pass_without_the_body(tmp_path):
+    head = 'def f(xs):\n    """Return the first element of xs, or None when empty."""\n'
+    body = "    return xs[0] if xs else None\n"
+    cands = [
+        ("pins", Exercise(head, body, ["assert f([3, 4]) == 3", "assert f([]) is None"], "f")),
+        ("none-only", Exercise(head, body, ["assert f([]) is None"], "f")),
+        ("raises-ok", Exercise(head, body, ["try:\n    f([1])\nexcept Exception:\n    pass", "assert f([]) is None"], "f")),
+        ("never-called", Exercise(head, body, ["assert [f(x) for x in []] == []"], "f")),
+    ]  # fmt: skip
+    kept, dropped, verdicts = validate(cands, timeout_s=5.0, workers=2, progress=False)
+    assert [c for c, _ in kept] == ["pins"] and dropped == Counter({"vacuous_tests": 3})
+    assert verdicts == {"passed": 4}
+
+
+def test_diversity_report_measures_duplicates_ngrams_clusters_and_logs_to_wandb(tmp_path, monkeypatch):
+    from data_tools.codetextbook.config import DedupConfig
+    from data_tools.synth.diversity import cluster_entropy, distinct_n, diversity_report, log_to_wandb
+    from phi_train.config import WandbConfig
+
+    a = fake_textbook("alpha")
+    near = a.replace("In summary", "To sum up")  # one changed phrase: a near-duplicate, not an exact one
+    others = [fake_textbook(f"other-{i}") for i in range(6)]
+    replies = [a, a, near, *others]
+    seeds = [{"topic": "t1" if i % 3 else "t2", "subtopic": f"s{i}"} for i in range(len(replies))]
+    rep = diversity_report(replies, [a, *others], seeds, seeds[:1] + seeds[3:], Counter({"exact_duplicate": 1,
+                           "near_duplicate": 1}), DedupConfig(), clusters=3)  # fmt: skip
+    assert rep["replies"]["exact_duplicates"] == 1 and rep["replies"]["near_duplicates"] == 1
+    assert rep["replies"]["texts"] == 9 and rep["kept"] == 7 and rep["clusters"] == 3
+    assert rep["topics_requested"]["topic"] == {"t1": 6, "t2": 3} and sum(rep["topics_kept"]["topic"].values()) == 7
+    assert distinct_n(["a b a b", "c"]) == {"distinct_1": 3 / 5, "distinct_2": 2 / 3, "distinct_3": 1.0}
+    assert distinct_n([""]) == {"distinct_1": None, "distinct_2": None, "distinct_3": None}
+    two_groups = ["sort the list with merge sort"] * 4 + ["parse the json file lines"] * 4
+    assert cluster_entropy(two_groups, 2)["cluster_entropy"] == pytest.approx(1.0)
+    lopsided = cluster_entropy(["sort the list"] * 7 + ["parse json"], 2)
+    assert lopsided["cluster_sizes"] == [7, 1] and 0 < lopsided["cluster_entropy"] < 0.6
+    assert cluster_entropy(["x", "y", "z"], 8)["cluster_entropy"] is None  # too few texts to cluster
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    log_to_wandb(rep, "textbooks", WandbConfig(mode="offline", project="phi-train-synth-test"), {"count": 9})
+    runs = list((tmp_path / "wandb").glob("offline-run-*/*.wandb"))
+    assert len(runs) == 1 and runs[0].stat().st_size > 0

@@ -240,3 +240,16 @@ def test_pipeline_with_teacher_never_writes_the_key(server, tmp_path):
     assert stats["ok"] >= 20 and stats["prompt_tokens"] == 100 * stats["ok"]
     n = assert_no_canary(tmp_path, p.stdout + p.stderr)
     assert n > 10
+
+
+def test_per_prompt_seeds_are_sent_and_keyed_in_the_cache(server, key, tmp_path):
+    """The synth jobs send one seed per item: each request carries its own, and two prompts that differ only in seed
+    are two cache entries (a rerun with the same seeds is free, a new seed is a new request)."""
+    client = make_client(server, tmp_path / "cache")
+    replies = client.complete_many_sync(["CASE:ok-1", "CASE:ok-1", "CASE:ok-2"], [11, 12, 13])
+    assert [r.text for r in replies] == ["1", "1", "2"]
+    assert sorted(r["seed"] for r in server.requests) == [11, 12, 13]
+    again = make_client(server, tmp_path / "cache").complete_many_sync(["CASE:ok-1", "CASE:ok-1"], [11, 14])
+    assert [r.cached for r in again] == [True, False] and len(server.requests) == 4
+    with pytest.raises(TeacherConfigError, match="2 seeds for 3 prompts"):
+        client.complete_many_sync(["a", "b", "c"], [1, 2])

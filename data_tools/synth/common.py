@@ -9,7 +9,11 @@ The generation job (`run_generation`) is resumable and idempotent: each teacher 
 `work_dir/generations.jsonl` (flushed and fsynced per chunk), a rerun reads that file and asks only for the ids that
 are missing, and a torn last line (SIGKILL mid-write) is cut off before appending, so no id is ever written twice.
 Teacher failures are *not* written (they may be transient and the teacher's cache only holds successes): the next run
-retries them. Counts reconcile: requested == generated + sum(failed per reason).
+retries them. Counts reconcile: requested == generated + sum(failed per reason). Each request carries a `seed`
+derived from its item id (`item_seed`): distinct items are sampled independently even when the server batches them,
+and a rerun asks for the same sample. A job that ends with items still failed exits 1, naming the count and the
+command that continues it (`allow_partial=true` accepts the partial set, exit 0); its output is written either way.
+Every job also writes and prints a diversity report (`data_tools.synth.diversity`).
 
 Both `data_tools.synth.textbooks` and `data_tools.synth.exercises` run on one `SynthConfig`, composed by Hydra
 (`phi_train.cli`) from `conf/synth/<name>.yaml` (demo and openai start from base by their defaults list) and
@@ -22,8 +26,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import os
 import random
+import shlex
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -36,6 +43,7 @@ from tqdm import tqdm
 from data_tools.codetextbook.config import DedupConfig
 from phi_train import cli
 from phi_train.cli import to_yaml  # noqa: F401  (re-exported for the generators)
+from phi_train.config import WandbConfig
 from phi_train.errors import CONF_ROOT, PhiTrainError, ReconcileError, require
 from phi_train.teacher import TeacherConfig
 
@@ -136,13 +144,29 @@ class ExerciseConfig:
 
 
 @dataclass
+class ReportConfig:
+    """The diversity report (`data_tools.synth.diversity`), written to work_dir and printed by every job."""
+
+    clusters: int = 8
+    """k of the k-means over TF-IDF embeddings whose size entropy is `cluster_entropy` (fewer with few texts)."""
+    wandb: WandbConfig = field(default_factory=lambda: WandbConfig(mode="disabled", project="phi-train-synth"))
+    """Also log the report to wandb (mode offline | online); disabled by default: a data job needs no account."""
+
+    def __post_init__(self) -> None:
+        _require(self.clusters >= 2, f"report.clusters={self.clusters} must be >= 2")
+
+
+@dataclass
 class SynthConfig:
     teacher: TeacherConfig = field(default_factory=lambda: TeacherConfig(temperature=1.0, max_tokens=1024))
     textbooks: TextbookConfig = field(default_factory=TextbookConfig)
     exercises: ExerciseConfig = field(default_factory=ExerciseConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     chunk_size: int = 64
     """Items sent to the teacher between two appends to generations.jsonl (what a kill can lose at most)."""
+    allow_partial: bool = False
+    """Exit 0 even when items are still failed after the teacher retries (default: exit 1, naming them)."""
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -184,6 +208,19 @@ class Item:
     """Template name."""
     seeds: dict[str, Any]
     prompt: str
+
+
+def item_seed(item_id: str) -> int:
+    """The sampling seed of an item: 60 bits of its id, so every item has its own reproducible stream and no two items
+    of a batch share one (the server seeds each row separately)."""
+    return int(item_id[:15], 16)
+
+
+def prompt_space(templates: dict[str, str], **choices: int) -> int:
+    """How many distinct prompts the seed lists can make: templates x the product of each placeholder's choices
+    (counted only for placeholders some template uses)."""
+    used = {k for t in templates.values() for k in choices if "{" + k + "}" in t}
+    return len(templates) * math.prod(n for k, n in choices.items() if k in used)
 
 
 def item_id(template_name: str, template_text: str, seeds: dict[str, Any]) -> str:
@@ -316,7 +353,7 @@ def run_generation(
     bar = tqdm(total=len(missing), desc="teacher", unit="item", disable=not progress)
     for start in range(0, len(missing), chunk_size):
         chunk = missing[start : start + chunk_size]
-        replies = client.complete_many_sync([it.prompt for it in chunk], **sampling)
+        replies = client.complete_many_sync([it.prompt for it in chunk], [item_seed(it.id) for it in chunk], **sampling)
         records = []
         for it, reply in zip(chunk, replies, strict=True):
             if reply.text is None:
@@ -328,6 +365,7 @@ def run_generation(
                     "template": it.template,
                     "seeds": it.seeds,
                     "prompt": it.prompt,
+                    "seed": item_seed(it.id),
                     "reply": reply.text,
                     "teacher_model": client.model,
                     "usage": asdict(reply.usage),
@@ -343,6 +381,34 @@ def run_generation(
 
 def teacher_sampling(t: TeacherConfig) -> dict[str, Any]:
     return t.sampling()
+
+
+def exit_status(summary: dict[str, Any], cfg: SynthConfig, module: str) -> int:
+    """0, or 1 with a one-line error when teacher failures remain and `allow_partial` is false."""
+    gen = summary.get("generation")
+    failed = sum(gen["failed"].values()) if gen else 0
+    if not failed:
+        return 0
+    reasons = ", ".join(f"{k}: {v}" for k, v in sorted(gen["failed"].items()))
+    # sys.argv is what Hydra was handed: the user's arguments plus our quiet-output overrides, which are dropped
+    args = [a for a in sys.argv[1:] if a not in cli.QUIET and not a.startswith("hydra.searchpath=")]
+    if "--config-path" in args and "--config-name" in args:  # a config file was named by path: say it so again
+        i, j = args.index("--config-path"), args.index("--config-name")
+        path = f"{args[i + 1]}/{args[j + 1]}.yaml"
+        args = [a for k, a in enumerate(args) if k not in (i, i + 1, j, j + 1)]
+        args = ["--config-name", path, *args]
+    command = " ".join(["python -m", module, *map(shlex.quote, args)])
+    if cfg.allow_partial:
+        print(f"warning: {failed} of {gen['requested']} items failed ({reasons}); accepted (allow_partial=true)",
+              file=sys.stderr)  # fmt: skip
+        return 0
+    print(
+        f"error: {failed} of {gen['requested']} items still failed after the teacher's retries ({reasons}); output "
+        f"has the {gen['generated']} others. Continue (only the failed items are sent again): {command}  "
+        "-- or accept the partial set with allow_partial=true",
+        file=sys.stderr,
+    )
+    return 1
 
 
 # --- output ---------------------------------------------------------------------------------------------------------

@@ -18,9 +18,17 @@ completed" (§2.2), made diverse by constraining the function names. Two sources
   that return a literal-representable, deterministic value; a function needs `min_tests` such calls with at least two
   distinct results (a constant function teaches nothing) or it is dropped as `no_tests`.
 
-Every candidate is near-deduplicated (MinHash on prompt + body), then executed with its asserts in
-`phi_train.sandbox.run_programs`; only `passed` is kept, the other verdicts are counted drops (sandbox_failed,
-sandbox_error, sandbox_timeout, sandbox_killed). Output: `output_dir/<teacher|mined>.jsonl.zst`, records with
+Tests must be able to fail. Statically, an assert that is always true is dropped as `vacuous_assert` (a tuple
+`assert (f(x) == 3, "msg")`, a lambda, a non-empty literal or f-string, a generator, `... or True`), and a solution
+or test with a reward-hack pattern (frame / gc / trace introspection, builtins writes, `__import__` overrides,
+ctypes, sys.modules surgery: `phi_train.verdict.hack_flags`) as `introspection`. Every candidate is then
+near-deduplicated (MinHash on prompt + body) and judged by the evaluation's forge-proof path: the sandbox runs only
+the prompt and the body, and the asserts run in the trusted checker against a proxy that passes plain literals
+(`phi_train.verdict`), so a body cannot reach the verdict through frames or an always-equal object. Only `passed` is
+kept, the other verdicts are counted drops (sandbox_failed, sandbox_error, sandbox_timeout, sandbox_killed). Last, a
+**mutation check**: the kept exercise's asserts are run again with the body replaced by `return None` and by
+`raise NotImplementedError`; if either still passes, the tests do not test the body and it is dropped as
+`vacuous_tests`. Output: `output_dir/<teacher|mined>.jsonl.zst`, records with
 `prompt` (imports + signature + docstring), `completion` (the body), `tests` (assert strings), `entry_point`, `id`,
 `text` (prompt + completion, for `data_tools.shard`) and provenance. Counts: in == kept + sum(dropped per reason).
 """
@@ -30,6 +38,7 @@ from __future__ import annotations
 import ast
 import builtins
 import json
+import math
 import random
 import secrets
 import sys
@@ -49,19 +58,24 @@ from data_tools.synth.common import (
     SynthConfigError,
     check_drops,
     draw_items,
+    exit_status,
     make_client,
     pick_words,
     print_summary,
+    prompt_space,
     read_topics_file,
     run_generation,
     teacher_sampling,
     to_yaml,
     write_jsonl,
 )
+from data_tools.synth.diversity import diversity_report, log_to_wandb, report_rows
 from data_tools.synth.textbooks import code_blocks
 from phi_train.cli import hydra_command
 
 BUILTINS = frozenset(dir(builtins))
+MUTANTS = ("return None", "raise NotImplementedError")
+"""Bodies that a meaningful test suite must reject (the mutation check)."""
 VERDICT_DROP = {
     "failed": "sandbox_failed",
     "error": "sandbox_error",
@@ -146,6 +160,56 @@ def free_names(fn: ast.FunctionDef) -> set[str]:
     return loaded - bound - BUILTINS
 
 
+# --- static checks: tests that cannot fail, bodies that reach for the verdict ---------------------------------------
+
+
+def always_true(node: ast.expr) -> bool:
+    """An assert condition that holds whatever the function returns (so the assert tests nothing)."""
+    if isinstance(node, ast.Constant):
+        return bool(node.value)
+    if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+        return bool(node.elts)
+    if isinstance(node, ast.Dict):
+        return bool(node.keys)
+    if isinstance(node, (ast.Lambda, ast.GeneratorExp)):
+        return True
+    if isinstance(node, ast.JoinedStr):
+        return any(isinstance(v, ast.Constant) and v.value for v in node.values)
+    if isinstance(node, ast.BoolOp):
+        parts = [always_true(v) for v in node.values]
+        return any(parts) if isinstance(node.op, ast.Or) else all(parts)
+    if isinstance(node, ast.NamedExpr):
+        return always_true(node.value)
+    return False
+
+
+def static_reason(ex: Exercise) -> str | None:
+    """`vacuous_assert` or `introspection` (module docstring), else None."""
+    from phi_train.verdict import hack_flags
+
+    for test in ex.tests:
+        try:
+            tree = ast.parse(test)
+        except (SyntaxError, ValueError):
+            return "bad_tests"
+        if any(isinstance(n, ast.Assert) and always_true(n.test) for n in ast.walk(tree)):
+            return "vacuous_assert"
+    if hack_flags(ex.prompt + ex.completion) or hack_flags("\n".join(ex.tests)):
+        return "introspection"
+    return None
+
+
+def static_checks(candidates: list[tuple[str, Exercise]]) -> tuple[list[tuple[str, Exercise]], Counter]:
+    out, dropped = [], Counter()
+    for cid, ex in candidates:
+        reason = static_reason(ex)
+        if reason:
+            dropped[reason] += 1
+        else:
+            out.append((cid, ex))
+    return out, dropped
+
+
 # --- teacher exercises ------------------------------------------------------------------------------------------------
 
 
@@ -227,6 +291,18 @@ def build_items(cfg: SynthConfig) -> list[Item]:
     return draw_items(ex.count, ex.seed, ex.templates, draw, "exercises")
 
 
+def exercise_prompt_space(cfg: SynthConfig) -> int:
+    ex = cfg.exercises
+    topics = read_topics_file(ex.topics_file, False, "exercises.topics_file") if ex.topics_file else ex.topics
+    return prompt_space(
+        ex.templates,
+        topic=len(topics),
+        difficulty=len(ex.difficulties),
+        name=len(ex.verbs) * len(ex.nouns),
+        words=math.comb(len(ex.words), min(ex.words_per_prompt, len(ex.words))),
+    )
+
+
 def teacher_candidates(cfg: SynthConfig, work: Path) -> tuple[list[tuple[str, Exercise]], Counter, dict[str, Any]]:
     """Generate (resumably), then parse every reply: (id, exercise) candidates, parse drops, stats."""
     items = build_items(cfg)
@@ -252,6 +328,9 @@ def teacher_candidates(cfg: SynthConfig, work: Path) -> tuple[list[tuple[str, Ex
         out.append((f"exercise-{it.id}", ex))
     check_drops("exercise parsing", gen.generated, len(out), dropped)
     stats = {"generation": gen.as_dict(), "teacher": client.stats.as_dict(), "in": gen.generated}
+    stats["replies"] = [store.records[it.id]["reply"].strip() for it in items if it.id in store]
+    stats["item_seeds"] = [it.seeds for it in items]
+    stats["prompt_space"] = exercise_prompt_space(cfg)
     return out, dropped, stats
 
 
@@ -466,17 +545,57 @@ def dedup(candidates: list[tuple[str, Exercise]], cfg: SynthConfig) -> tuple[lis
     return out, dropped
 
 
+def as_problem(cid: str, ex: Exercise):
+    """The exercise as an MBPP-kind benchmark problem, for the evaluation's trusted checker (phi_train.verdict)."""
+    from phi_train.benchmarks import Problem
+
+    return Problem(
+        task_id=cid, prompt=ex.prompt, test="\n".join(ex.tests) + "\n", kind="mbpp", entry_point=ex.entry_point
+    )
+
+
+def body_indent(completion: str) -> str:
+    first = next((ln for ln in completion.splitlines() if ln.strip()), "    ")
+    return first[: len(first) - len(first.lstrip())] or "    "
+
+
+def judge(pairs: list[tuple[str, Exercise, str]], limits, workers: int, progress: bool):
+    """Sandbox verdicts of (id, exercise, body) through the checker: the body runs sandboxed, the asserts outside."""
+    from phi_train.sandbox import run_programs
+    from phi_train.verdict import make_checker, served_program
+
+    problems = [as_problem(cid, ex) for cid, ex, _ in pairs]
+    checkers = []
+    for p in problems:
+        try:
+            checkers.append(make_checker(p))
+        except SyntaxError:  # asserts that parse alone but not together cannot judge anything
+
+            def broken(_chan, msg=f"tests of {p.task_id} do not parse"):
+                return "error", msg
+
+            checkers.append(broken)
+    codes = [served_program(p, body) for p, (_, _, body) in zip(problems, pairs, strict=True)]
+    return run_programs(codes, limits, workers=workers, progress=progress, checkers=checkers)
+
+
 def validate(
     candidates: list[tuple[str, Exercise]], timeout_s: float, workers: int, progress: bool
 ) -> tuple[list[tuple[str, Exercise]], Counter, Counter]:
-    """Run every exercise against its asserts in the sandbox: (passed, drops, verdict counts)."""
-    from phi_train.sandbox import Limits, run_programs
+    """Judge every exercise against its asserts, then the mutation check: (kept, drops, verdict counts)."""
+    from phi_train.sandbox import Limits
 
     limits = Limits(timeout_s=timeout_s, cpu_s=max(1, int(timeout_s)))
-    results = run_programs([ex.program() for _, ex in candidates], limits, workers=workers, progress=progress)
+    results = judge([(cid, ex, ex.completion) for cid, ex in candidates], limits, workers, progress)
     verdicts = Counter(r.verdict for r in results)
-    kept = [c for c, r in zip(candidates, results, strict=True) if r.passed]
+    passed = [c for c, r in zip(candidates, results, strict=True) if r.passed]
     dropped = Counter(VERDICT_DROP[r.verdict] for r in results if not r.passed)
+    mutants = [(cid, ex, body_indent(ex.completion) + m + "\n") for cid, ex in passed for m in MUTANTS]
+    survived = judge(mutants, limits, workers, progress) if mutants else []
+    vacuous = {cid for (cid, _, _), r in zip(mutants, survived, strict=True) if r.passed}
+    kept = [c for c in passed if c[0] not in vacuous]
+    if vacuous:
+        dropped["vacuous_tests"] += len(passed) - len(kept)
     return kept, dropped, verdicts
 
 
@@ -504,6 +623,10 @@ def run(cfg: SynthConfig) -> dict[str, Any]:
         mined, dropped, stats = mine_candidates(list(ex_cfg.mine.inputs), cfg)
         candidates, test_drops = make_tests(mined, cfg)
         dropped += test_drops
+        stats |= {"replies": [ex.prompt + ex.completion for _, ex in candidates], "item_seeds": []}
+        stats["prompt_space"] = None
+    candidates, static_drops = static_checks(candidates)
+    dropped += static_drops
     candidates, dedup_drops = dedup(candidates, cfg)
     dropped += dedup_drops
     kept, sandbox_drops, verdicts = validate(candidates, ex_cfg.sandbox_timeout_s, ex_cfg.sandbox_workers, cfg.progress)
@@ -512,12 +635,20 @@ def run(cfg: SynthConfig) -> dict[str, Any]:
     name = "teacher" if ex_cfg.source == "teacher" else "mined"
     out_path = Path(ex_cfg.output_dir) / f"{name}.jsonl.zst"
     write_jsonl(out_path, (to_record(cid, ex) for cid, ex in kept))
+    replies, item_seeds = stats.pop("replies"), stats.pop("item_seeds")
+    report = diversity_report(
+        replies, [ex.prompt + ex.completion for _, ex in kept], item_seeds,
+        [ex.provenance.get("seeds", {}) for _, ex in kept], dropped, cfg.dedup, cfg.report.clusters,
+    ) | {"prompt_space": stats.pop("prompt_space")}  # fmt: skip
+    (work / f"diversity-{name}.json").write_text(json.dumps(report, indent=2))
+    log_to_wandb(report, f"exercises-{name}", cfg.report.wandb, {"count": ex_cfg.count, "source": ex_cfg.source})
     summary = stats | {
         "source": ex_cfg.source,
         "kept": len(kept),
         "dropped": dict(dropped.most_common()),
         "sandbox_verdicts": dict(verdicts),
         "output": str(out_path),
+        "diversity": report,
     }
     (work / f"summary-{name}.json").write_text(json.dumps(summary, indent=2))
     rows: list[tuple[str, Any]] = []
@@ -528,13 +659,16 @@ def run(cfg: SynthConfig) -> dict[str, Any]:
     else:
         rows += [("documents", stats["documents"]), ("functions (in)", stats["in"])]
     rows += [("kept", len(kept))] + [(f"dropped: {k}", v) for k, v in dropped.most_common()]
+    if report["prompt_space"]:
+        rows.append(("prompt space (distinct prompts)", report["prompt_space"]))
+    rows += report_rows(report)
     print_summary(f"CodeExercises ({ex_cfg.source}, phi-1 §2.2)", rows)
     return summary
 
 
 @hydra_command(SynthConfig, "demo", CONF_DIR, schema_name=SCHEMA)
-def main(cfg: SynthConfig) -> None:
-    run(cfg)
+def main(cfg: SynthConfig) -> int:
+    return exit_status(run(cfg), cfg, "data_tools.synth.exercises")
 
 
 if __name__ == "__main__":

@@ -11,13 +11,16 @@ post-process every reply (code blocks extracted; kept only if it has code and ev
 enough) -> near-dedup (MinHash, `data_tools.codetextbook.dedup`) -> `output_dir/textbooks.jsonl.zst` with `text` (what
 `python -m data_tools.shard` reads) and provenance (template, seeds, teacher model). Post-processing reads the whole
 generations file each run, so its output is always complete and duplicate-free. Counts reconcile twice:
-requested == generated + failed per reason; generated == kept + dropped per reason.
+requested == generated + failed per reason; generated == kept + dropped per reason. Every run writes `work_dir/diversity.json` (exact / near-duplicate rates of
+the replies, distinct-n, cluster entropy, topic histogram, drops; `data_tools.synth.diversity`) and prints its headline
+numbers with the counts; a run with items still failed exits 1 (`allow_partial=true` to accept).
 """
 
 from __future__ import annotations
 
 import ast
 import json
+import math
 import random
 import re
 import sys
@@ -36,15 +39,18 @@ from data_tools.synth.common import (
     SynthConfigError,
     check_drops,
     draw_items,
+    exit_status,
     make_client,
     pick_words,
     print_summary,
+    prompt_space,
     read_topics_file,
     run_generation,
     teacher_sampling,
     to_yaml,
     write_jsonl,
 )
+from data_tools.synth.diversity import diversity_report, log_to_wandb, report_rows
 from phi_train.cli import hydra_command
 
 OUTPUT_FILE = "textbooks.jsonl.zst"
@@ -100,6 +106,18 @@ def build_items(cfg: SynthConfig) -> list[Item]:
     return draw_items(tb.count, tb.seed, tb.templates, draw, "textbooks")
 
 
+def textbook_prompt_space(cfg: SynthConfig) -> int:
+    tb = cfg.textbooks
+    topics = read_topics_file(tb.topics_file, True, "textbooks.topics_file") if tb.topics_file else tb.topics
+    return prompt_space(
+        tb.templates,
+        subtopic=sum(len(v) for v in topics.values()),
+        audience=len(tb.audiences),
+        style=len(tb.styles),
+        words=math.comb(len(tb.words), min(tb.words_per_prompt, len(tb.words))),
+    )
+
+
 def postprocess(
     items: list[Item], store: GenerationStore, cfg: SynthConfig
 ) -> tuple[list[dict[str, Any]], Counter, int]:
@@ -146,6 +164,13 @@ def run(cfg: SynthConfig) -> dict[str, Any]:
     records, dropped, generated = postprocess(items, store, cfg)
     assert generated == gen.generated
     write_jsonl(Path(tb.output_dir) / OUTPUT_FILE, records)
+    replies = [store.records[it.id]["reply"].strip() for it in items if it.id in store]
+    report = diversity_report(
+        replies, [r["text"] for r in records], [it.seeds for it in items], [r["seeds"] for r in records], dropped,
+        cfg.dedup, cfg.report.clusters,
+    ) | {"prompt_space": textbook_prompt_space(cfg)}  # fmt: skip
+    (work / "diversity.json").write_text(json.dumps(report, indent=2))
+    log_to_wandb(report, "textbooks", cfg.report.wandb, {"count": tb.count, "teacher": cfg.teacher.model})
     summary = {
         "generation": gen.as_dict(),
         "generated": generated,
@@ -154,6 +179,7 @@ def run(cfg: SynthConfig) -> dict[str, Any]:
         "kept_chars": sum(len(r["text"]) for r in records),
         "teacher": client.stats.as_dict(),
         "output": str(Path(tb.output_dir) / OUTPUT_FILE),
+        "diversity": report,
     }
     (work / "summary.json").write_text(json.dumps(summary, indent=2))
     rows: list[tuple[str, Any]] = [("requested", gen.requested), ("generated", generated)]
@@ -162,14 +188,16 @@ def run(cfg: SynthConfig) -> dict[str, Any]:
     rows += [
         ("teacher HTTP requests", client.stats.http_requests),
         ("teacher cost (USD)", f"{client.stats.cost_usd:.4f}"),
+        ("prompt space (distinct prompts)", report["prompt_space"]),
     ]
+    rows += report_rows(report)
     print_summary("Synthetic textbooks (phi-1 §2.2)", rows)
     return summary
 
 
 @hydra_command(SynthConfig, "demo", CONF_DIR, schema_name=SCHEMA)
-def main(cfg: SynthConfig) -> None:
-    run(cfg)
+def main(cfg: SynthConfig) -> int:
+    return exit_status(run(cfg), cfg, "data_tools.synth.textbooks")
 
 
 if __name__ == "__main__":
