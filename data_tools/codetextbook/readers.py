@@ -2,13 +2,18 @@
 
 Readers never drop a record silently: an undecodable, binary, broken or wrongly-shaped record becomes a Document with
 empty text and `metadata["drop_reason"]`, so the clean step counts it and `in == kept + dropped` holds end to end.
+The same holds for a file that cannot be read at all (`unreadable`, `not_a_file`, `vanished`): no OSError ends a run.
+
+Each reader takes its files from the run's frozen input list (`inputs.py`), `rank::world_size`, and stamps every
+document with `metadata["order"] = [input, file, record]`: its place in sorted input order, which the dedup stage
+restores by merging the clean outputs (a duplicate keeps the first copy in that order, whatever the task layout).
 """
 
 from __future__ import annotations
 
 import ast
-import fnmatch
 import html
+import os
 from html.parser import HTMLParser
 from typing import Any, ClassVar
 
@@ -18,17 +23,14 @@ from datatrove.pipeline.readers.base import BaseDiskReader
 from datatrove.pipeline.readers.jsonl import JsonlReader
 from datatrove.pipeline.readers.parquet import ParquetReader
 
-SNIFF_BYTES = 8192
+from data_tools.codetextbook.inputs import is_local, read_list
+from data_tools.sources import SNIFF_BYTES, decode_python_source, read_regular_file
 
 
 def decode_source(raw: bytes) -> tuple[str, str | None]:
-    """(text, drop_reason): NUL bytes in the head mean binary; otherwise the file must be UTF-8 (PEP 3120 default)."""
-    if b"\x00" in raw[:SNIFF_BYTES]:
-        return "", "binary"
-    try:
-        return raw.decode("utf-8"), None
-    except UnicodeDecodeError:
-        return "", "non_utf8"
+    """(text, drop_reason) as CPython reads a module: BOM dropped, PEP 263 coding line honoured, else UTF-8."""
+    text, reason = decode_python_source(raw)
+    return text, ("non_utf8" if reason == "not_utf8" else reason)
 
 
 def tagged(doc_id: str, reason: str, metadata: dict[str, Any]) -> Document:
@@ -47,12 +49,71 @@ def iter_lines(f, chunk: int = 1 << 20):
         yield rest
 
 
-def _excluded(path: str, patterns: list[str]) -> bool:
-    return any(fnmatch.fnmatch(path, p) for p in patterns)
+class FrozenListReader:
+    """Mixin for datatrove disk readers: the files come from the frozen list, and no file can end the run.
+
+    `frozen_list` is `work_dir/inputs/<input>.jsonl.zst`; None lists the folder as datatrove does (library use)."""
+
+    frozen_list: str | None = None
+    input_index: int = 0
+
+    def setup_frozen(self, frozen_list: str | None, input_index: int) -> None:
+        self.frozen_list, self.input_index = frozen_list, input_index
+
+    def file_unavailable(self, filepath: str) -> str | None:
+        """Why a listed file cannot be opened (stat-ed first: a FIFO is never opened), or None."""
+        if not is_local(str(self.data_folder.path)):
+            return None if self.data_folder.exists(filepath) else "vanished"
+        path = self.data_folder.resolve_paths(filepath)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return "unreadable" if os.path.lexists(path) else "vanished"
+        except OSError:
+            return "unreadable"
+        import stat
+
+        return None if stat.S_ISREG(st.st_mode) else "not_a_file"
+
+    def file_placeholder(self, filepath: str, reason: str) -> Document:
+        return tagged(f"{self.data_folder.path}/{filepath}", reason, {"path": filepath, "file_error": True})
+
+    def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        if data:
+            yield from data
+        if self.frozen_list is None:
+            files = list(
+                enumerate(self.data_folder.list_files(recursive=self.recursive, glob_pattern=self.glob_pattern))
+            )
+        else:
+            files = list(enumerate(e.path for e in read_list(self.frozen_list)))
+        n = 0
+        for file_index, filepath in files[rank::world_size]:
+            self.stat_update("input_files")
+            docs = self._read_guarded(filepath)
+            for record_index, doc in enumerate(docs):
+                if self.limit != -1 and n >= self.limit:
+                    return
+                doc.metadata["order"] = [self.input_index, file_index, record_index]
+                self.update_doc_stats(doc)
+                n += 1
+                yield doc
+
+    def _read_guarded(self, filepath: str) -> DocumentsPipeline:
+        if reason := self.file_unavailable(filepath):
+            yield self.file_placeholder(filepath, reason)
+            return
+        try:
+            yield from self.read_file(filepath)
+        except FileNotFoundError:
+            yield self.file_placeholder(filepath, "vanished")
+        except OSError:
+            # Records already yielded stay counted; the rest of the file is one `unreadable` placeholder.
+            yield self.file_placeholder(filepath, "unreadable")
 
 
-class PythonFilesReader(BaseDiskReader):
-    """Walks a directory (local or fsspec URL) for `*.py` files: a checkout, a site-packages, the stdlib."""
+class PythonFilesReader(FrozenListReader, BaseDiskReader):
+    """A directory (local or fsspec URL) of `*.py` files: a checkout, a site-packages, the stdlib."""
 
     name = "🐍 Python files"
 
@@ -61,20 +122,28 @@ class PythonFilesReader(BaseDiskReader):
         self.exclude = list(exclude or [])
         self.max_bytes = max_bytes
 
-    def read_files_shard(self, shard: list[str]) -> DocumentsPipeline:
-        keep = [p for p in shard if p.endswith(".py") and not _excluded(p, self.exclude)]
-        yield from super().read_files_shard(keep)
+    def file_unavailable(self, filepath: str) -> str | None:
+        return None  # read_file checks everything itself, in one stat
 
     def read_file(self, filepath: str) -> DocumentsPipeline:
         meta = {"source": "directory", "path": filepath, "repo": str(self.data_folder.path), "license": None}
         doc_id = f"{self.data_folder.path}/{filepath}"
-        # Gigantic files are recognised from their size, never read into memory.
-        if self.data_folder.size(filepath) > self.max_bytes:
-            yield tagged(doc_id, "oversize", meta)
-            return
-        with self.data_folder.open(filepath, "rb") as f:
-            raw = f.read()
-        text, reason = decode_source(raw)
+        if is_local(str(self.data_folder.path)):
+            # Oversize files are recognised from their size and never read into memory.
+            raw, reason = read_regular_file(self.data_folder.resolve_paths(filepath), self.max_bytes)
+        else:
+            try:
+                if self.data_folder.size(filepath) > self.max_bytes:
+                    raw, reason = None, "oversize"
+                else:
+                    with self.data_folder.open(filepath, "rb") as f:
+                        raw, reason = f.read(), None
+            except FileNotFoundError:
+                raw, reason = None, "vanished"
+            except OSError:
+                raw, reason = None, "unreadable"
+        if raw is not None:
+            text, reason = decode_source(raw)
         yield tagged(doc_id, reason, meta) if reason else Document(text=text, id=doc_id, metadata=meta)
 
 
@@ -103,10 +172,10 @@ def stack_record_to_document(data: Any, source_file: str, index: int) -> Documen
         return tagged(doc_id, "bad_schema", meta)
     if "\x00" in content[:SNIFF_BYTES]:
         return tagged(doc_id, "binary", meta)
-    return Document(text=content, id=doc_id, metadata=meta)
+    return Document(text=content.removeprefix("\ufeff"), id=doc_id, metadata=meta)
 
 
-class _LineRecordsReader(JsonlReader):
+class _LineRecordsReader(FrozenListReader, JsonlReader):
     """JSONL / JSONL.zst / JSONL.gz read line by line as bytes, so a broken or non-UTF-8 line is counted, not lost."""
 
     def record_to_document(self, data: Any, source_file: str, index: int) -> Document:
@@ -138,7 +207,7 @@ class StackJsonlReader(_LineRecordsReader):
         return stack_record_to_document(data, source_file, index)
 
 
-class StackParquetReader(ParquetReader):
+class StackParquetReader(FrozenListReader, ParquetReader):
     """datatrove's ParquetReader with The Stack's schema; a row without `content` is tagged `bad_schema`, not skipped."""
 
     name = "📚 The Stack (parquet)"
