@@ -150,6 +150,15 @@ _fmt, _ast = traceback.format_exception_only, __import__("ast")
 layers = []
 libc = ctypes.CDLL(None, use_errno=True)
 
+def _die_with_parent():
+    # PR_SET_PDEATHSIG: SIGKILL when the process that started us dies (a SIGKILLed harness or zygote); a uid change
+    # clears it, so it is set again after one. A parent that died before the call has left us to init: go now.
+    ppid = os.getppid()
+    libc.prctl(1, 9, 0, 0, 0)
+    if os.getppid() != ppid:
+        _exit(137)
+_die_with_parent()
+
 _PSEUDO_FS = {"proc", "sysfs", "cgroup", "cgroup2", "devpts", "mqueue", "debugfs", "tracefs", "securityfs", "pstore",
               "bpf", "configfs", "fusectl", "hugetlbfs", "binfmt_misc", "autofs", "efivarfs", "rpc_pipefs", "nsfs"}
 
@@ -202,6 +211,7 @@ if hdr["uid"] is not None:
             code = _reap(pid)
             _exit_as(128 - code if code > 128 else code)
         os.close(st_r)
+        _die_with_parent()  # a fork does not inherit it: PID 1 of the namespace dies with the process above it
     for flag, name in ((0x40000000, "netns"), (0x08000000, "ipcns")):  # CLONE_NEWNET, CLONE_NEWIPC
         if libc.unshare(flag) == 0:
             layers.append(name)
@@ -272,6 +282,7 @@ if hdr["uid"] is not None:
     os.setgroups([])
     os.setresgid(hdr["uid"], hdr["uid"], hdr["uid"])
     os.setresuid(hdr["uid"], hdr["uid"], hdr["uid"])
+    _die_with_parent()
     layers.append("uid")
 if libc.prctl(38, 1, 0, 0, 0) == 0:  # PR_SET_NO_NEW_PRIVS: no setuid binary or file capability can lift it
     layers.append("no_new_privs")
@@ -464,7 +475,8 @@ BOOTSTRAP = _READ_STDIN + _PRELUDE + _BODY
 # to a memory-corruption exploit of the interpreter. Set PHI_SANDBOX_ZYGOTE=0 to start a fresh interpreter per
 # program instead (same verdicts, ~4x slower).
 ZYGOTE = r"""
-import ast, builtins, ctypes, io, json, os, resource, signal, sys, traceback, socket, subprocess, shutil, pty, _socket
+import ast, builtins, ctypes, io, json, os, resource, select, signal, sys, traceback, socket, subprocess, shutil, pty
+import _socket
 exec(@PRELUDE@)
 BODY = compile(@BODY@, "<bootstrap>", "exec")
 ctl = socket.socket(fileno=int(sys.argv[1]))
@@ -517,6 +529,19 @@ while True:
     for fd in fds:
         os.close(fd)
     ctl.sendall(b"P%d\n" % pid)
+    # While the program runs the harness sends nothing (it reads this status first), so a readable control socket
+    # means the harness is gone (killed, maybe by SIGKILL): the program goes with it, then this zygote. Killing a
+    # PID-namespace init takes its whole namespace along; without one the program leads its own process group.
+    child = os.pidfd_open(pid)
+    while child not in select.select([ctl, child], [], [])[0]:
+        if not ctl.recv(1, socket.MSG_PEEK):
+            for kill in (os.kill, os.killpg):
+                try:
+                    kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            os._exit(0)
+    os.close(child)
     _, st, ru = os.wait4(pid, 0)  # rusage of the child and its reaped descendants: the program's CPU time
     code = os.waitstatus_to_exitcode(st)
     code = 128 - code if pid1 and code > 128 else code  # PID 1 exits 128 + N for "the program died of signal N"

@@ -439,3 +439,35 @@ def test_without_the_seccomp_bindings_the_sandbox_still_runs_and_says_so():
     assert (passed, failed) == ("passed", "failed")
     if os.geteuid() == 0:
         assert "pidns" in layers and "no_new_privs" in layers  # the other layers stand
+
+
+@pytest.mark.parametrize("zygote", ["1", "0"])
+def test_a_sigkilled_harness_takes_its_programs_and_zygote_along(zygote):
+    """A job SIGKILLed mid-evaluation (issue 15): its zygote used to keep the running program alive until the
+    program's own CPU limit ended it. The harness's descendants must all be gone shortly after the kill."""
+    import psutil
+
+    harness = (
+        "import sys\nfrom phi_train.sandbox import Limits, run_programs\n"
+        "print('running', flush=True)\n"
+        "run_programs(['import time\\nwhile True:\\n    time.sleep(0.05)\\n'], Limits(timeout_s=120, cpu_s=120))\n"
+    )
+    env = {**os.environ, "PHI_SANDBOX_ZYGOTE": zygote, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", harness], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout.readline().strip() == "running"
+        parent = psutil.Process(proc.pid)
+        kids: list = []
+        for _ in range(200):  # until the program itself runs (the sandbox's processes sit below the harness)
+            kids = parent.children(recursive=True)
+            if len(kids) >= 2:
+                break
+            time.sleep(0.05)
+        assert kids, "the harness started no sandbox process"
+        time.sleep(0.3)
+        kids = parent.children(recursive=True)
+    finally:
+        proc.kill()
+        proc.wait()
+    _, alive = psutil.wait_procs(kids, timeout=10)  # a liveness bound, generous: the program would run for 120 s
+    assert not alive, [(p.pid, p.name()) for p in alive]
