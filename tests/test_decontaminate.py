@@ -1,17 +1,16 @@
-"""Decontamination (phi-1 §5): HumanEval solutions planted in real stdlib code as exact, renamed, reformatted and
-lightly edited copies must be found by the right measures and pruned, with few false positives on the real code."""
+"""Decontamination (phi-1 §5): HumanEval solutions planted in real stdlib modules the ways people copy them (exact,
+nested in branches / handlers / with / functions / classes, renamed without docstrings, type-hinted and reformatted,
+restructured, a different algorithm) must be found per kind, with few false positives among the real functions, and
+pruning must reconcile record by record."""
 
 from __future__ import annotations
 
-import ast
 import base64
-import io
 import json
 import os
-import re
 import subprocess
 import sys
-import tokenize
+from collections import Counter
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -23,239 +22,210 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 from data_tools.decontaminate.config import load_config  # noqa: E402
 from data_tools.decontaminate.measures import (  # noqa: E402
     ast_match,
+    canonical_tree,
     code_tokens,
-    normalized_tree,
     primary_function,
     split_units,
 )
-from data_tools.decontaminate.scan import main  # noqa: E402
+from data_tools.decontaminate.planted import DIFFERENT, PLACEMENTS, planted_set, renamed, restructured  # noqa: E402
+from data_tools.decontaminate.scan import main, write_pruned  # noqa: E402
 from phi_train.benchmarks import load_humaneval  # noqa: E402
-from phi_train.errors import PhiTrainError  # noqa: E402
+from phi_train.errors import PhiTrainError, ReconcileError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-PLANTED_TASKS = [f"HumanEval/{i}" for i in range(0, 160, 8)]  # 20 problems spread over the benchmark
-KINDS = ("exact", "renamed", "reformatted", "edited")
+N_PROBLEMS = 20
 
 
-# --- the four kinds of copies ---------------------------------------------------------------------------------------
-
-
-def _offsets(code: str) -> list[int]:
-    starts, pos = [0], 0
-    for line in code.splitlines(keepends=True):
-        pos += len(line)
-        starts.append(pos)
-    return starts
-
-
-def _apply(code: str, edits: list[tuple[int, int, str]]) -> str:
-    for start, end, new in sorted(edits, reverse=True):
-        code = code[:start] + new + code[end:]
-    return code
-
-
-def _tokens(code: str) -> list[tokenize.TokenInfo]:
-    return list(tokenize.generate_tokens(io.StringIO(code).readline))
-
-
-def renamed(code: str) -> str:
-    """Every name the code binds (functions, arguments, variables) consistently renamed, docstrings included."""
-    tree = ast.parse(code)
-    bound: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            bound.add(node.name)
-        elif isinstance(node, ast.arg):
-            bound.add(node.arg)
-        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
-            bound.add(node.id)
-    mapping = {name: f"q{i}_{name[::-1]}" for i, name in enumerate(sorted(bound))}
-    word = re.compile(r"\b(" + "|".join(map(re.escape, sorted(bound, key=len, reverse=True))) + r")\b")
-    offs, edits, prev = _offsets(code), [], None
-    for tok in _tokens(code):
-        start = offs[tok.start[0] - 1] + tok.start[1]
-        end = offs[tok.end[0] - 1] + tok.end[1]
-        if tok.type == tokenize.NAME and tok.string in mapping and not (prev and prev.string == "."):
-            edits.append((start, end, mapping[tok.string]))
-        elif tok.type == tokenize.STRING:
-            edits.append((start, end, word.sub(lambda m: mapping[m.group(1)], tok.string)))
-        prev = tok
-    return _apply(code, edits)
-
-
-def reformatted(code: str) -> str:
-    """Black-like layout changes: arguments split one per line, 2-space indentation, extra blank lines."""
-    offs, edits, depth = _offsets(code), [], 0
-    toks = _tokens(code)
-    for tok, nxt in zip(toks, toks[1:]):
-        if tok.type == tokenize.OP and tok.string in "([{":
-            depth += 1
-        elif tok.type == tokenize.OP and tok.string in ")]}":
-            depth -= 1
-        elif tok.string == "," and depth > 0 and nxt.start[0] == tok.end[0] and nxt.string not in ")]}":
-            pos = offs[tok.end[0] - 1] + tok.end[1]
-            edits.append((pos, offs[nxt.start[0] - 1] + nxt.start[1], "\n" + " " * 12))
-    code = _apply(code, edits)
-    in_string = set()
-    for tok in _tokens(code):
-        if tok.type == tokenize.STRING and tok.end[0] > tok.start[0]:
-            in_string.update(range(tok.start[0] + 1, tok.end[0] + 1))
-    out = []
-    for row, line in enumerate(code.splitlines(), 1):
-        if row not in in_string:
-            stripped = line.lstrip(" ")
-            line = " " * ((len(line) - len(stripped)) // 2) + stripped
-        out.append(line)
-        if line.rstrip().endswith(":") and row not in in_string:
-            out.append("")
-    return "\n".join(out) + "\n"
-
-
-SWAPS = {"<": "<=", "<=": "<", ">": ">=", ">=": ">", "==": "!=", "!=": "==", "+": "-", "-": "+"}
-
-
-def edited(code: str, solution_start: int) -> str:
-    """A light edit a contaminated exercise might carry: one operator of the solution flipped, a comment added."""
-    offs = _offsets(code)
-    for tok in _tokens(code):
-        start = offs[tok.start[0] - 1] + tok.start[1]
-        if start >= solution_start and tok.type == tokenize.OP and tok.string in SWAPS:
-            code = _apply(code, [(start, start + len(tok.string), SWAPS[tok.string])])
-            break
-    return "# practice exercise\n" + code
-
-
-def planted_items(host_texts: list[str]) -> list[dict]:
-    """4 copies of each PLANTED_TASKS problem. Reformatted and edited ones are appended to a real stdlib file, so
-    the unit split has to find them inside unrelated code."""
-    problems = {p.task_id: p for p in load_humaneval()}
-    items = []
-    for i, task in enumerate(PLANTED_TASKS):
-        p = problems[task]
-        code = p.prompt + p.reference
-        host = host_texts[i % len(host_texts)]
-        variants = {
-            "exact": code,
-            "renamed": renamed(code),
-            "reformatted": host + "\n\n" + reformatted(code),
-            "edited": host + "\n\n" + edited(code, len(p.prompt)),
-        }
-        for kind, text in variants.items():
-            ast.parse(text)  # every planted item is valid Python
-            items.append({"id": f"planted/{kind}/{task}", "text": text, "task": task, "kind": kind})
-    return items
-
-
-# --- fixtures -------------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def study(tmp_path_factory, demo_corpus) -> dict:
-    """One real run: demo_corpus (200 real stdlib files) + 80 planted items, against all 164 HumanEval problems."""
-    root = tmp_path_factory.mktemp("decon")
-    hosts = [p.read_text() for p in sorted(demo_corpus.iterdir())[-10:]]
-    planted = planted_items(hosts)
-    with (root / "planted.jsonl").open("w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in planted)
-    out = root / "out"
-    rc = main(
-        [
-            "--config-name",
-            "demo",
-            f"train.paths=[{demo_corpus},{root / 'planted.jsonl'}]",
-            f"output_dir={out}",
-            "progress=false",
-        ]
-    )
-    assert rc == 0
-    nearest = {r["task_id"]: r for r in map(json.loads, (out / "nearest.jsonl").read_text().splitlines())}
-    flagged = {r["item_id"]: r for r in map(json.loads, (out / "flagged.jsonl").read_text().splitlines())}
-    stats = json.loads((out / "stats.json").read_text())
-    return {"out": out, "planted": planted, "nearest": nearest, "flagged": flagged, "stats": stats}
+def _match(a: str, b: str) -> float:
+    return ast_match(canonical_tree(a), canonical_tree(b), small=24)
 
 
 # --- the measures on their own --------------------------------------------------------------------------------------
 
+LOOP = """
+def pick(xs: list[int], k: int) -> list[int]:
+    \"\"\"Doubles of the items above k.\"\"\"
+    out = []
+    for x in xs:  # keep order
+        if x > k:
+            out.append(x * 2)
+    return out
+"""
+REWRITES = {
+    "comprehension, renamed, no docstring": "def f(ys, t):\n    return [y * 2 for y in ys if y > t]\n",
+    "indexed while": (
+        "def f(ys, t):\n    res = []\n    i = 0\n    while i < len(ys):\n        y = ys[i]\n        if y > t:\n"
+        "            res.append(y * 2)\n        i += 1\n    return res\n"
+    ),
+    "assigned comprehension, annotated": (
+        "def g(a: list, b: int):\n    r: list = [v * 2 for v in a if v > b]\n    return r\n"
+    ),
+}
 
-def test_ast_match_is_invariant_to_renaming_and_layout_not_to_edits():
-    p = next(p for p in load_humaneval() if p.task_id == "HumanEval/0")
-    code = p.prompt + p.reference
-    a = normalized_tree(code)
-    assert ast_match(a, normalized_tree(renamed(code))) == 1.0
-    assert ast_match(a, normalized_tree(reformatted(code))) == 1.0
-    light = ast_match(a, normalized_tree(edited(code, len(p.prompt))))
-    assert 0.9 <= light < 1.0
-    other = next(p for p in load_humaneval() if p.task_id == "HumanEval/1")
-    assert ast_match(a, normalized_tree(other.prompt + other.reference)) < 0.6
-    assert normalized_tree("def broken(:\n") is None
+
+@pytest.mark.parametrize("name", sorted(REWRITES))
+def test_canonical_tree_forgets_what_copying_changes(name):
+    assert _match(LOOP, REWRITES[name]) == 1.0
 
 
-def test_tokens_drop_layout_and_comments_keep_identifiers():
+def test_canonical_tree_ternaries_ranges_and_order_independent_names():
+    mx = "def m(a, b):\n    if a > b:\n        return a\n    return b\n"
+    assert _match(mx, "def m(x, y):\n    return x if x > y else y\n") == 1.0
+    assert _match(mx, "def m(x, y):\n    if x > y:\n        return x\n    else:\n        return y\n") == 1.0
+    s = "def s(n):\n    t = 0\n    for i in range(n):\n        t += i\n    return t\n"
+    assert (
+        _match(s, "def s(n):\n    t = 0\n    i = 0\n    while i < n:\n        t += i\n        i += 1\n    return t\n")
+        == 1.0
+    )
+    # the old positional placeholders shifted when a docstring or an annotation added a name: roles do not
+    doc = 'def s(n):\n    "Sum below n, see Helper and other names."\n    t: int = 0\n    for i in range(n):\n'
+    assert _match(s, doc + "        t += i\n    return t\n") == 1.0
+    # but a real difference in a tiny function is not "87% the same"
+    assert _match("def strlen(s):\n    return len(s)\n", "def keys(self):\n    return self._d.keys()\n") < 0.8
+    assert canonical_tree("def broken(:\n") is None
+
+
+def test_units_at_every_depth():
+    code = load_humaneval()[0]
+    src = code.prompt + code.reference
+    from data_tools.decontaminate.planted import nested
+
+    for place in PLACEMENTS:
+        text = "import os\nx = 1\n" + nested(src, place, code.entry_point)
+        units, parsed = split_units(text)
+        mine = [u for u in units if u.name == code.entry_point]
+        assert parsed and len(mine) == 1 and mine[0].kind == "function", place
+        assert _match(primary_function(src, code.entry_point), mine[0].text) == 1.0, place
+    units, _ = split_units(
+        "class A:\n    def m(self):\n        def inner(q):\n            return q\n        return inner\n"
+        "try:\n    import fast\nexcept ImportError:\n    def g(a, b=1, *c):\n        return a\n"
+        "a = 1\nb = 2\nprint(a + b)\n"
+    )
+    got = {(u.name, u.kind, u.parent, u.arity) for u in units}
+    assert ("m", "method", "A", None) in got and ("inner", "function", "A.m", (1, 1)) in got
+    assert ("g", "function", "", (1, 99)) in got and any(u.kind == "window" for u in units)
+    assert split_units("def broken(:\n")[1] is False
+    # hostile input: 90 nested blocks, a NUL byte, an expression too deep to convert: counted, never a crash
+    deep = "".join("    " * i + "if x:\n" for i in range(90)) + "    " * 90 + "def f(a):\n" + "    " * 91 + "return a\n"
+    units, parsed = split_units(deep)
+    assert parsed and [u.name for u in units] == ["f"] and canonical_tree(units[0].text) is not None
+    assert split_units("a = 1\x00\n")[1] is False and canonical_tree("x = " + "-" * 5000 + "1") is None
     words = [t.text for t in code_tokens("def f(a,\n      b):  # hi\n    return a+b\n")[0]]
     assert words == ["def", "f", "(", "a", ",", "b", ")", ":", "return", "a", "+", "b"]
-    toks, ok = code_tokens('s = """unterminated\n')
-    assert not ok and toks  # falls back to regex tokens, so broken code is still compared
-    units, parsed = split_units("class A:\n    def m(self):\n        return 1\n\ndef g():\n    pass\n")
-    assert parsed and [u.name for u in units] == ["g", "m"]  # methods are units too, dedented to parse alone
-    assert split_units("def broken(:\n")[1] is False
 
 
-# --- the study on planted copies ------------------------------------------------------------------------------------
+def test_planted_copies_really_differ_and_still_pass():
+    """The generator's copies are what they claim: renamed ones share no bound name, restructured ones use every
+    rewrite kind somewhere and are not the original text; `planted_set` verified them in the sandbox."""
+    problems = {p.task_id: p for p in load_humaneval()}
+    rewrites = Counter()
+    for task in [f"HumanEval/{i}" for i in range(0, 164, 3)]:
+        p = problems[task]
+        code = p.prompt + p.reference
+        new, applied = restructured(code, p.entry_point)
+        assert new != code and applied
+        rewrites.update(applied)
+        assert p.entry_point not in renamed(code)
+    assert {"for->while", "for->while (indexed)", "if->ternary", "comprehension->loop", "helper extracted"} <= set(
+        rewrites
+    ), rewrites
 
 
-def test_ngrams_find_verbatim_copies_and_miss_renamed_ones(study):
-    hits = {(item, task) for item, r in study["flagged"].items() for task in r["ngram_hits"]}
-    for task in PLANTED_TASKS:
-        for kind in ("exact", "reformatted"):
-            assert (f"planted/{kind}/{task}", task) in hits, (kind, task)
-    renamed_found = sum((f"planted/renamed/{t}", t) in hits for t in PLANTED_TASKS)
-    assert renamed_found <= len(PLANTED_TASKS) // 4  # the gap the AST match closes
+# --- the study on the planted set -----------------------------------------------------------------------------------
 
 
-def test_ast_match_catches_every_renamed_and_reformatted_copy(study):
-    for task in PLANTED_TASKS:
-        for kind in ("exact", "renamed", "reformatted"):
-            r = study["flagged"].get(f"planted/{kind}/{task}")
-            assert r is not None and r["ast"] == 1.0 and r["ast_task"] == task, (kind, task, r)
+@pytest.fixture(scope="module")
+def study(tmp_path_factory, demo_corpus) -> dict:
+    """One real run: the 200 real stdlib files of demo_corpus + the planted set (20 problems x 5 kinds + the
+    different-algorithm copies, in 10 of those files), against the planted problems."""
+    root = tmp_path_factory.mktemp("decon")
+    hosts = [p.read_text() for p in sorted(demo_corpus.iterdir())[-10:]]
+    items, dropped = planted_set(hosts, N_PROBLEMS, seed=1)
+    with (root / "planted.jsonl").open("w") as f:
+        f.writelines(json.dumps({"id": r["id"], "text": r["text"]}) + "\n" for r in items)
+    with (root / "labels.jsonl").open("w") as f:
+        f.writelines(json.dumps({k: v for k, v in r.items() if k != "text"}) + "\n" for r in items)
+    tasks = sorted({r["task"] for r in items})
+    out = root / "out"
+    argv = [
+        "--config-name", "demo", f"train.paths=[{demo_corpus},{root / 'planted.jsonl'}]", f"output_dir={out}",
+        "progress=false", f"planted={root / 'labels.jsonl'}", f"benchmark.problems=[{','.join(tasks)}]",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    flagged = {r["item_id"]: r for r in map(json.loads, (out / "flagged.jsonl").read_text().splitlines())}
+    stats = json.loads((out / "stats.json").read_text())
+    return {"out": out, "items": items, "dropped": dropped, "flagged": flagged, "stats": stats, "argv": argv}
 
 
-def test_embedding_and_difflib_rank_exact_copies_first(study):
-    for task in PLANTED_TASKS:
-        near = study["nearest"][task]
-        # token-hashing embeddings ignore layout: the exact and the reformatted copy tie at distance 0
-        at_zero = {e["item_id"] for e in near["embedding"] if e["l2"] < 1e-3}
-        assert f"planted/exact/{task}" in at_zero and at_zero <= {f"planted/{k}/{task}" for k in KINDS}
-        assert near["difflib"][0]["ratio"] == 1.0
-        assert near["ast"][0]["match"] == 1.0
+def test_recall_per_copy_kind_meets_the_goals_at_tau_0_8(study):
+    kinds = study["stats"]["planted"]["kinds"]
+    print("\n" + study["stats"]["planted"]["summary"])
+    assert set(kinds) == {"exact", "nested", "renamed", "typed", "restructured", "different"}
+
+    def rate(kind: str, measure: str = "either") -> float:
+        k = kinds[kind]
+        return (k[measure]["0.8"] if isinstance(k[measure], dict) else k[measure]) / k["n"]
+
+    assert kinds["nested"]["n"] == N_PROBLEMS and rate("exact") == rate("nested") == 1.0
+    assert rate("nested", "ast") == 1.0  # the syntactic measure alone finds every nested exact copy
+    assert rate("renamed", "ast") >= 0.95 and rate("typed", "ast") >= 0.95
+    assert rate("restructured") >= 0.8
+    assert kinds["different"]["n"] >= len(DIFFERENT) - 2 and rate("different") >= 0.8
+    assert rate("different", "ast") <= 0.3  # what only the behavioural measure sees
+    for k in kinds.values():
+        assert k["candidates"] == k["n"]  # the candidate step proposed every planted copy to its problem
 
 
-def test_recall_and_false_positives_at_tau_0_8(study):
-    removed = {i for i, r in study["flagged"].items() if 0.8 in r["removed_at_tau"]}
-    planted = {r["id"] for r in study["planted"]}
-    recall = len(removed & planted) / len(planted)
-    real = study["stats"]["train"]["items"] - len(planted)
-    fp_rate = len(removed - planted) / real
-    print(f"\nrecall@tau0.8={recall:.3f} false positives={len(removed - planted)}/{real} ({fp_rate:.3%})")
-    assert recall >= 0.95
-    assert fp_rate <= 0.02
+def test_false_positives_among_real_functions(study):
+    fp = study["stats"]["planted"]["false_positives"]
+    assert fp["functions"] > 1000
+    assert fp["rate"]["0.8"] <= 0.005, fp["examples"]
 
 
-def test_pruned_copies_reconcile(study):
+def test_pruned_copies_reconcile_by_id(study):
     out, stats = study["out"], study["stats"]
-    planted_ids = {r["id"] for r in study["planted"]}
+    planted_ids = {r["id"] for r in study["items"]}
     for tau, s in stats["prune"].items():
         with zstandard.open(out / s["file"], "rt") as f:
-            rows = [json.loads(line) for line in f]
+            kept = {json.loads(line)["id"] for line in f}
+        removed = {i for i, r in study["flagged"].items() if float(tau) in r["removed_at_tau"]}
         assert s["in"] == s["kept"] + s["removed"] == stats["train"]["items"]
-        assert len(rows) == s["kept"]
-        flagged = sum(1 for r in study["flagged"].values() if float(tau) in r["removed_at_tau"])
-        assert s["removed"] == flagged
+        assert len(kept) == s["kept"] and not kept & removed and len(removed) == s["removed"]
         if tau == "0.8":
-            kept_planted = {r["id"] for r in rows} & planted_ids
-            assert len(kept_planted) <= 0.05 * len(planted_ids)
-            assert all("task" in r for r in rows if r["id"] in planted_ids)  # JSONL records are kept whole
-    removed = [stats["prune"][t]["removed"] for t in ("0.95", "0.9", "0.85", "0.8")]
-    assert removed == sorted(removed) and removed[-1] >= 76
+            assert len(planted_ids - removed) <= 0.05 * len(planted_ids)
+
+
+def test_reconciliation_is_by_id_not_by_position(tmp_path):
+    """An input reordered between the passes prunes the same records; one changed, added or lost raises."""
+    rows = [{"id": f"r{i}", "text": f"x = {i}\n", "meta": i} for i in range(6)] + [{"id": "r1", "text": "y = 1\n"}]
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config("demo", [f"train.paths=[{path}]", f"output_dir={tmp_path}", "progress=false"])
+    from data_tools.decontaminate.inputs import read_training
+    from data_tools.decontaminate.scan import digest
+
+    dropped = Counter()
+    pass1 = {i: digest(t) for i, t, _ in read_training(cfg, dropped)}
+    assert dropped["duplicate_id"] == 1 and "r1#2" in pass1  # a repeated id gets its own, stable id
+    removed = {0.8: {"r2", "r4"}, 0.9: {"r4"}}
+    path.write_text(
+        "".join(json.dumps(r) + "\n" for r in [rows[4], rows[6], rows[0], rows[2], rows[1], rows[3], rows[5]])
+    )
+    with pytest.raises(ReconcileError, match="r1"):  # reordering moved which r1 is the repeat: its text differs
+        write_pruned(cfg, removed, pass1)
+    path.write_text(
+        "".join(json.dumps(r) + "\n" for r in [rows[5], rows[2], rows[1], rows[0], rows[4], rows[6], rows[3]])
+    )
+    stats = write_pruned(cfg, removed, pass1)
+    assert stats["0.8"] == {"in": 7, "kept": 5, "removed": 2, "file": "pruned_tau0.8.jsonl.zst"}
+    with zstandard.open(tmp_path / "pruned_tau0.8.jsonl.zst", "rt") as f:
+        assert sorted(json.loads(line)["id"] for line in f) == ["r0", "r1", "r1", "r3", "r5"]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows[:-2] + rows[-1:]))
+    with pytest.raises(ReconcileError, match="missing in pass 2, e.g. 'r5'"):
+        write_pruned(cfg, removed, pass1)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows + [{"id": "new", "text": "z = 0\n"}]))
+    with pytest.raises(ReconcileError, match="'new' is new"):
+        write_pruned(cfg, removed, pass1)
 
 
 class _Report(HTMLParser):
@@ -263,37 +233,45 @@ class _Report(HTMLParser):
         super().__init__()
         self.imgs: list[str] = []
         self.pre: list[str] = []
-        self._in_pre = False
+        self.h3: list[str] = []
+        self._in: str | None = None
 
     def handle_starttag(self, tag, attrs):
         if tag == "img":
             self.imgs.append(dict(attrs)["src"])
-        self._in_pre = tag == "pre"
-        if self._in_pre:
-            self.pre.append("")
+        if tag in ("pre", "h3"):
+            self._in = tag
+            (self.pre if tag == "pre" else self.h3).append("")
 
     def handle_endtag(self, tag):
-        self._in_pre = False if tag == "pre" else self._in_pre
+        self._in = None if tag == self._in else self._in
 
     def handle_data(self, data):
-        if self._in_pre:
+        if self._in == "pre":
             self.pre[-1] += data
+        elif self._in == "h3":
+            self.h3[-1] += data
 
 
-def test_report_renders(study):
+def test_report_shows_borderline_pairs_and_planted_recall(study):
     out = study["out"]
     parser = _Report()
     parser.feed((out / "report.html").read_text())
     assert len(parser.imgs) == 1 and parser.imgs[0].startswith("data:image/png;base64,")
     png = base64.b64decode(parser.imgs[0].split(",", 1)[1])
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 2000
-    assert (out / "removed_vs_tau.png").read_bytes() == png
-    assert len(parser.pre) == 2 * 20  # side by side: benchmark code | training unit, for the top 20 pairs
-    primaries = {primary_function(p.prompt + p.reference, p.entry_point) for p in load_humaneval()}
-    assert all(left in primaries for left in parser.pre[0::2])  # left column: benchmark code, unescaped intact
-    assert any("<" in p or "&" in p or '"' in p for p in parser.pre)  # code needing escapes round-trips
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and (out / "removed_vs_tau.png").read_bytes() == png
+    border = [h for h in parser.h3 if h.startswith("tau ")]
+    assert any(", above:" in h for h in border) and any(", below:" in h for h in border)
+    for h in border:  # each borderline pair sits on the right side of its tau
+        tau, score = float(h.split()[1].rstrip(",")), float(h.split("AST ")[1].split(",")[0])
+        assert (score >= tau) == (", above:" in h)
+    assert len(parser.pre) == 2 * len(parser.h3)  # side by side: benchmark code | training unit
     md = (out / "report.md").read_text()
-    assert "| 0.8 |" in md and "removed_vs_tau.png" in md
+    assert "## Planted copies: recall per kind" in md and "| restructured |" in md and "Borderline" in md
+    assert "| behaviour (passes the tests) |" in md
+
+
+# --- bad input ------------------------------------------------------------------------------------------------------
 
 
 # --- bad input ------------------------------------------------------------------------------------------------------
@@ -308,6 +286,9 @@ def test_bad_input_is_one_line(tmp_path, capsys):
         (["benchmark.name=custom", f"benchmark.path={tmp_path / 'missing.jsonl'}"], "missing.jsonl"),
         (["embedding.embedder=bert"], "embedding.embedder"),
         (["benchmark.problems=[HumanEval/999]"], "HumanEval/999"),
+        (["candidates.lsh_threshold=1.5"], "candidates.lsh_threshold"),
+        (["behaviour.memory_mb=8"], "behaviour.memory_mb"),
+        ([f"planted={tmp_path / 'labels.jsonl'}", "train.limit=3", "benchmark.problems=[HumanEval/0]"], "labels.jsonl"),
     ]
     for overrides, needle in cases:
         assert main(["--config-name", "demo", f"output_dir={tmp_path / 'o'}", *overrides]) == 2

@@ -94,29 +94,68 @@ class EmbeddingConfig:
 
 
 @dataclass
-class CandidateConfig:
-    skeleton_n: int = 8
-    """Shingle length over the code skeleton (identifiers -> I, literals -> L): renaming does not change it."""
-    min_containment: float = 0.5
-    """Fraction of a problem's skeleton shingles a training unit must contain to become a candidate."""
-    max_per_problem: int = 50
-    """Best candidates (by containment) kept per problem: bounds the exact-scoring work."""
+class UnitsConfig:
+    window: int = 8
+    """Module-level statements (other than defs, classes, imports) per window unit: script code is scored too."""
+    stride: int = 4
 
     def __post_init__(self) -> None:
-        _require(self.skeleton_n >= 2, f"candidates.skeleton_n={self.skeleton_n} must be >= 2")
-        _require(0 < self.min_containment <= 1, f"candidates.min_containment={self.min_containment} must be in (0, 1]")
+        _require(self.window >= 1, f"units.window={self.window} must be >= 1")
+        _require(self.stride >= 1, f"units.stride={self.stride} must be >= 1")
+
+
+@dataclass
+class CandidateConfig:
+    num_perm: int = 128
+    """MinHash permutations over a unit's canonical-tree shingles (measures.tree_features)."""
+    lsh_threshold: float = 0.3
+    """MinHashLSH Jaccard threshold: a pair of Jaccard s becomes a candidate with probability 1 - (1 - s^r)^b, the
+    S-curve of the (b, r) datasketch picks for this threshold; the planted run measures the recall it gives."""
+    max_per_problem: int = 20
+    """Best LSH candidates (by exact Jaccard) kept per problem: bounds the exact-scoring work."""
+    by_name: bool = True
+    """A function named like the problem's entry point is a candidate too (people keep the name)."""
+
+    def __post_init__(self) -> None:
+        _require(self.num_perm >= 16, f"candidates.num_perm={self.num_perm} must be >= 16")
+        _require(0 < self.lsh_threshold < 1, f"candidates.lsh_threshold={self.lsh_threshold} must be in (0, 1)")
         _require(self.max_per_problem >= 1, f"candidates.max_per_problem={self.max_per_problem} must be >= 1")
+
+
+@dataclass
+class BehaviourConfig:
+    enabled: bool = True
+    """Run every arity-compatible candidate function against the problem's own tests in phi_train.sandbox: one that
+    passes is contamination however it is written (restructured, a different algorithm)."""
+    timeout_s: float = 5.0
+    memory_mb: int = 512
+    workers: int = -1
+    """Sandboxed programs at a time (-1: CPU count)."""
+    max_per_problem: int = 12
+    """Candidates run per problem: those named like the entry point first, then by AST match, MinHash Jaccard and
+    embedding distance. Bounds the sandbox cost at problems x this."""
+
+    def __post_init__(self) -> None:
+        _require(self.timeout_s > 0, f"behaviour.timeout_s={self.timeout_s} must be > 0")
+        _require(self.memory_mb >= 64, f"behaviour.memory_mb={self.memory_mb} must be >= 64")
+        _require(self.workers == -1 or self.workers >= 1, f"behaviour.workers={self.workers} must be -1 or >= 1")
+        _require(self.max_per_problem >= 1, f"behaviour.max_per_problem={self.max_per_problem} must be >= 1")
 
 
 @dataclass
 class AstConfig:
     method: str = "ted"
-    """ted (tree edit distance, APTED) | sequence (difflib ratio of the preorder node-label sequences)."""
+    """ted (tree edit distance, APTED) | sequence (difflib ratio of the preorder node-label sequences), both on the
+    canonical trees of measures.canonical_tree."""
     min_score: float | None = None
     """Pairs whose size bound min/max node count is below this are not scored exactly (None: the smallest tau)."""
+    small_nodes: int = 24
+    """Trees under this many nodes pay more per edit (measures.ast_match): tiny real functions otherwise match tiny
+    problems at 0.8-0.9 after names are forgotten. 0 turns it off."""
 
     def __post_init__(self) -> None:
         _require(self.method in AST_METHODS, f"ast.method={self.method!r} is not one of {', '.join(AST_METHODS)}")
+        _require(self.small_nodes >= 0, f"ast.small_nodes={self.small_nodes} must be >= 0")
 
 
 @dataclass
@@ -143,6 +182,8 @@ class ReportConfig:
     """Nearest training items per problem and measure in nearest.jsonl."""
     html_pairs: int = 20
     """Top pairs shown side by side in report.html."""
+    borderline: int = 3
+    """Pairs just above and just below each tau shown side by side."""
 
 
 @dataclass
@@ -152,11 +193,16 @@ class DecontaminateConfig:
     output_dir: str = "data/demo/decontaminate"
     ngram: NgramConfig = field(default_factory=NgramConfig)
     embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
+    units: UnitsConfig = field(default_factory=UnitsConfig)
     candidates: CandidateConfig = field(default_factory=CandidateConfig)
+    behaviour: BehaviourConfig = field(default_factory=BehaviourConfig)
     ast: AstConfig = field(default_factory=AstConfig)
     difflib: DifflibConfig = field(default_factory=DifflibConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    planted: str | None = None
+    """JSONL of planted copies ({"id", "task", "kind"}; data_tools.decontaminate.planted writes one): recall per
+    copy kind, per measure and per tau, and false positives among the other items' functions, in stats and report."""
     progress: bool = True
 
 

@@ -13,11 +13,12 @@ import orjson
 from data_tools.decontaminate.config import DecontaminateConfig, DecontaminateConfigError
 from data_tools.decontaminate.measures import (
     Node,
+    canonical_tree,
     code_tokens,
     ngrams,
-    normalized_tree,
     primary_function,
-    skeleton,
+    split_units,
+    tree_features,
     tree_size,
 )
 from data_tools.sources import SourceError, _open_text_lines, iter_documents
@@ -31,12 +32,17 @@ class BenchItem:
     code: str
     """prompt + canonical solution (HumanEval / custom), the reference code (MBPP): what a contaminated item copies."""
     primary: str
-    """The function under test, the unit compared by AST / embeddings / skeleton."""
+    """The function under test, the unit compared by AST / embeddings / MinHash."""
     grams: set[int]
     primary_words: list[str]
-    skel: set[int]
+    features: set[str]
+    """measures.tree_features of the canonical tree: the MinHash/LSH shingles."""
     tree: Node | None
     size: int
+    problem: Problem
+    """The benchmark problem itself: its tests drive the behavioural measure."""
+    arity: int | None
+    """Positional parameters of the function under test (None: no such function)."""
 
 
 def benchmark_code(p: Problem) -> tuple[str, str]:
@@ -62,7 +68,8 @@ def load_benchmark(cfg: DecontaminateConfig) -> list[BenchItem]:
         code, primary = benchmark_code(p)
         words = [t.text for t in code_tokens(code)[0]]
         ptoks = code_tokens(primary)[0]
-        tree = normalized_tree(primary)
+        tree = canonical_tree(primary)
+        units = [u for u in split_units(primary)[0] if u.arity is not None and not u.parent]
         out.append(
             BenchItem(
                 p.task_id,
@@ -70,17 +77,20 @@ def load_benchmark(cfg: DecontaminateConfig) -> list[BenchItem]:
                 primary,
                 ngrams(words, cfg.ngram.n),
                 [t.text for t in ptoks],
-                ngrams(skeleton(ptoks), cfg.candidates.skeleton_n),
+                tree_features(tree) if tree else set(),
                 tree,
                 tree_size(tree) if tree else 0,
+                p,
+                units[0].arity[1] if units else None,
             )
         )
     return out
 
 
 def read_training(cfg: DecontaminateConfig, dropped: Counter) -> Iterator[tuple[str, str, dict]]:
-    """(id, text, record) in a deterministic order. JSONL records are kept whole (score, provenance) so the pruned
-    copy has every field; other inputs go through data_tools.sources and become {"text", "id"}."""
+    """(id, text, record): JSONL records are kept whole (score, provenance) so the pruned copy has every field; other
+    inputs go through data_tools.sources and become {"text", "id"}. Ids are unique: the k-th repeat of an id
+    (k >= 2) becomes `id#k`, counted as `duplicate_id`, so pruning and reconciliation can go by id alone."""
     for p in cfg.train.paths:  # checked before the first item, so a typo fails at once, not after the scan
         if not Path(p).exists():
             raise SourceError(f"train.paths: {p!r} does not exist (give JSONL/JSONL.zst files or directories)")
@@ -98,6 +108,16 @@ def _jsonl_files(path: Path) -> list[Path]:
 
 
 def _records(cfg: DecontaminateConfig, dropped: Counter) -> Iterator[tuple[str, str, dict]]:
+    seen: Counter = Counter()
+    for doc_id, text, rec in _raw_records(cfg, dropped):
+        seen[doc_id] += 1
+        if seen[doc_id] > 1:
+            dropped["duplicate_id"] += 1
+            doc_id = f"{doc_id}#{seen[doc_id]}"
+        yield doc_id, text, rec
+
+
+def _raw_records(cfg: DecontaminateConfig, dropped: Counter) -> Iterator[tuple[str, str, dict]]:
     t, n = cfg.train, 0
     for p in t.paths:
         files = _jsonl_files(Path(p))

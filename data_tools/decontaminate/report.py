@@ -5,6 +5,7 @@ report.html (code escaped, the plot embedded as a base64 PNG) and removed_vs_tau
 from __future__ import annotations
 
 import base64
+import bisect
 import html
 import io
 from pathlib import Path
@@ -16,6 +17,23 @@ if TYPE_CHECKING:
     from data_tools.decontaminate.records import PairScore, ScanResult
 
 PLOT = "removed_vs_tau.png"
+
+
+def planted_table(planted: dict[str, Any]) -> str:
+    """Markdown: per copy kind, found at each tau by AST / behaviour / either, and the candidate step's recall."""
+    taus = list(planted["taus"])
+    head = "| copy kind | n | candidate recall | " + " | ".join(f"AST / behaviour / either at {t}" for t in taus)
+    rows = [head + " |", "|---|---|---|" + "---|" * len(taus)]
+    for kind, r in planted["kinds"].items():
+        cells = [f"{r['ast'][t]} / {r['behaviour']} / {r['either'][t]}" for t in taus]
+        rows.append(f"| {kind} | {r['n']} | {r['candidates']} | " + " | ".join(cells) + " |")
+    fp = planted["false_positives"]
+    rows.append(
+        f"| false positives (real functions) | {fp['functions']} | | "
+        + " | ".join(f"{fp['ast'][t]} / {fp['behaviour']} / {fp['either'][t]}" for t in taus)
+        + " |"
+    )
+    return "\n".join(rows)
 
 
 def nearest_records(
@@ -40,15 +58,16 @@ def nearest_records(
         mine = by_problem.get(p, [])
         scored = sorted((ps for ps in mine if ps.ast is not None), key=lambda ps: -ps.ast)[:k]
         diff = sorted((ps for ps in mine if ps.difflib is not None), key=lambda ps: -ps.difflib)[:k]
-        skel = sorted(res.skeleton_top[p], reverse=True)[:k]
+        lsh = sorted(res.lsh_top[p], reverse=True)[:k]
         rec: dict[str, Any] = {
             "task_id": b.task_id,
             "ngram": [
                 {"item_id": res.item_ids[i], "shared": c, "fraction": round(c / max(len(b.grams), 1), 4)}
                 for i, c in hits
             ],
-            "skeleton": [unit_ref(u) | {"containment": round(c, 4)} for c, u in skel],
+            "minhash": [unit_ref(u) | {"jaccard": round(c, 4)} for c, u in lsh],
             "ast": [unit_ref(ps.unit) | {"match": round(ps.ast, 4)} for ps in scored],
+            "behaviour": [unit_ref(ps.unit) | {"verdict": ps.behaviour} for ps in mine if ps.behaviour is not None],
             "difflib": [unit_ref(ps.unit) | {"ratio": round(ps.difflib, 4)} for ps in diff],
         }
         if emb is not None:
@@ -89,6 +108,19 @@ def _top_pairs(cfg: DecontaminateConfig, pairs: list[PairScore]) -> list[PairSco
     return sorted(scored, key=lambda p: (-p.ast, -(p.difflib or 0.0)))[: cfg.report.html_pairs]
 
 
+def borderline_pairs(cfg: DecontaminateConfig, pairs: list[PairScore]) -> list[tuple[float, str, PairScore]]:
+    """Per tau, the `report.borderline` scored pairs just above (removed) and just below (kept) it: where a threshold
+    decides, so where a reader should look."""
+    scored = sorted((p for p in pairs if p.ast is not None), key=lambda p: p.ast)
+    keys = [p.ast for p in scored]
+    n, out = cfg.report.borderline, []
+    for t in sorted(set(cfg.prune.taus), reverse=True):
+        i = bisect.bisect_left(keys, t)
+        out += [(t, "above", p) for p in scored[i : i + n]]
+        out += [(t, "below", p) for p in reversed(scored[max(0, i - n) : i])]
+    return out
+
+
 def _counts_rows(stats: dict[str, Any]) -> list[tuple[str, str]]:
     t, n, a = stats["train"], stats["ngram"], stats["ast"]
     return [
@@ -99,6 +131,10 @@ def _counts_rows(stats: dict[str, Any]) -> list[tuple[str, str]]:
         (
             "AST scored / skipped (size bound) / unparsable",
             f"{a['scored']} / {a['skipped_size_bound']} / {a['unparsable_pairs']}",
+        ),
+        (
+            "behaviour: candidates run in the sandbox / passed",
+            f"{stats['behaviour']['run']} / {stats['behaviour']['passed']}",
         ),
         (f"difflib ratio > {stats['difflib']['threshold']}", str(stats["difflib"]["flagged_pairs"])),
         ("throughput", f"{stats['items_per_s']} items/s ({stats['timing_s']['total']} s)"),
@@ -115,14 +151,42 @@ def write_reports(
 
     md = ["# Decontamination report (phi-1 §5)", "", "| measure | count |", "|---|---|"]
     md += [f"| {k} | {v} |" for k, v in _counts_rows(stats)]
-    md += ["", "## Pruning by AST match rate", "", "| tau | in | kept | removed |", "|---|---|---|---|"]
+    md += [
+        "",
+        "## Pruning (AST match >= tau or a passed test)",
+        "",
+        "| tau | in | kept | removed |",
+        "|---|---|---|---|",
+    ]
     md += [f"| {t} | {i} | {k} | {r} |" for t, i, k, r in prune_rows]
+    md += [
+        "",
+        "## Removed by measure",
+        "",
+        "| tau | AST match | behaviour (passes the tests) | either | behaviour only |",
+    ]
+    md += ["|---|---|---|---|---|"]
+    md += [
+        f"| {t} | {m['ast']} | {m['behaviour']} | {m['either']} | {m['behaviour_only']} |"
+        for t, m in stats["by_measure"].items()
+    ]
+    if "planted" in stats:
+        md += ["", "## Planted copies: recall per kind", "", planted_table(stats["planted"])]
     md += ["", f"![items removed vs tau]({PLOT})", "", "## Top pairs", ""]
     md += ["| problem | training item | unit | AST | difflib |", "|---|---|---|---|---|"]
     for p in top:
         item = res.item_ids[res.unit_item[p.unit]]
         md.append(
             f"| {bench[p.problem].task_id} | `{item}` | {res.unit_name[p.unit]} | {p.ast:.3f} | {p.difflib or 0:.3f} |"
+        )
+    border = borderline_pairs(cfg, pairs)
+    md += ["", "## Borderline pairs (just above / just below each tau)", ""]
+    md += ["| tau | side | problem | training item | unit | AST | behaviour |", "|---|---|---|---|---|---|---|"]
+    for t, side, p in border:
+        item = res.item_ids[res.unit_item[p.unit]]
+        md.append(
+            f"| {t:g} | {side} | {bench[p.problem].task_id} | `{item}` | {res.unit_name[p.unit]} | {p.ast:.3f} "
+            f"| {p.behaviour or '-'} |"
         )
     (out / "report.md").write_text("\n".join(md) + "\n")
 
@@ -135,7 +199,9 @@ def write_reports(
         "</style></head><body><h1>Decontamination report (phi-1 §5)</h1><table>",
     ]
     parts += [f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in _counts_rows(stats)]
-    parts.append("</table><h2>Pruning by AST match rate</h2><table><tr><th>tau</th><th>in</th><th>kept</th>")
+    parts.append(
+        "</table><h2>Pruning (AST match >= tau or a passed test)</h2><table><tr><th>tau</th><th>in</th><th>kept</th>"
+    )
     parts.append("<th>removed</th></tr>")
     parts += [f"<tr><td>{e(str(t))}</td><td>{i}</td><td>{k}</td><td>{r}</td></tr>" for t, i, k, r in prune_rows]
     b64 = base64.b64encode(png).decode()
@@ -147,6 +213,15 @@ def write_reports(
         parts.append(
             f"<h3>{e(b.task_id)} &harr; {e(item)} ({e(res.unit_name[p.unit])}): AST {p.ast:.3f}, "
             f"difflib {p.difflib or 0:.3f}, via {e(', '.join(p.sources))}</h3>"
+            f"<div class='pair'><pre>{e(b.primary)}</pre><pre>{e(res.unit_text[p.unit])}</pre></div>"
+        )
+    parts.append(f"<h2>Borderline pairs: the {cfg.report.borderline} just above and just below each tau</h2>")
+    for t, side, p in border:
+        item = res.item_ids[res.unit_item[p.unit]]
+        b = bench[p.problem]
+        parts.append(
+            f"<h3 class='border'>tau {t:g}, {side}: {e(b.task_id)} &harr; {e(item)} ({e(res.unit_name[p.unit])}): "
+            f"AST {p.ast:.3f}, behaviour {e(p.behaviour or '-')}</h3>"
             f"<div class='pair'><pre>{e(b.primary)}</pre><pre>{e(res.unit_text[p.unit])}</pre></div>"
         )
     parts.append("</body></html>")

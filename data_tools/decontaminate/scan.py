@@ -1,6 +1,6 @@
 """Decontaminate a training set against a benchmark and prune it at several thresholds: phi-1 §5 as a study.
 
-    python -m data_tools.decontaminate --config-name demo [key=value ...]
+    python -m data_tools.decontaminate --config-name demo [key=value ...] [planted=<labels.jsonl>]
 
 phi-1 §5 first looked for 13-gram overlap between CodeExercises and HumanEval (4 hits, all false positives), then
 flagged pairs by L2 distance between code-model embeddings together with an AST match rate tau, and retrained on
@@ -9,22 +9,23 @@ CodeExercises pruned at tau = 0.95 / 0.9 / 0.85 / 0.8 (42.5K to 354K of ~880K ex
   pass 1 (stream the training set once; O(total tokens)):
     - n-gram overlap: every item's normalised-token n-grams are looked up in an inverted index of the benchmark's
       n-grams (the benchmark is the small side, so nothing is all-pairs);
-    - each item is split into functions ("units"); each unit's skeleton shingles are looked up in the benchmark's
-      skeleton index, and the best `candidates.max_per_problem` units per problem by containment are candidates.
-  embeddings: every unit is embedded (the pluggable embedder of data_tools.codetextbook.embed); scikit-learn NearestNeighbors
-    gives the `embedding.top_k` nearest units of each problem by L2: more candidates.
-  exact scoring on candidates only (<= problems x (max_per_problem + top_k) pairs): AST match rate (APTED tree edit
-    distance on identifier/literal-normalised trees) and the Cosmopedia difflib ratio.
-  pass 2: the training set again, written once per tau without the items whose best AST match is >= tau.
+    - each item is split into units at every depth (measures.split_units); each unit's canonical tree gives shingles
+      whose MinHash is queried in a MinHashLSH of the benchmark's: the best `candidates.max_per_problem` units per
+      problem by exact Jaccard are candidates, and so is every function named like a problem's entry point.
+  embeddings: every unit is embedded (data_tools.codetextbook.embed); scikit-learn NearestNeighbors gives the
+    `embedding.top_k` nearest units of each problem by L2: more candidates.
+  exact scoring on candidates only: AST match rate (APTED on canonical trees), the Cosmopedia difflib ratio, and the
+    behavioural measure (data_tools.decontaminate.behaviour: the candidate run against the problem's tests).
+  pass 2: the training set again, written once per tau without the items whose best AST match is >= tau or that
+    passed a problem's tests; pruning and reconciliation go by record id (in == kept + removed, id by id).
 
-Outputs in `output_dir`: nearest.jsonl (per problem, its nearest training items under each measure), flagged.jsonl
-(per flagged item, its scores), pruned_tau<tau>.jsonl.zst, stats.json, report.md, report.html, removed_vs_tau.png.
-Counts reconcile: per tau, in == kept + removed, and removed == the items scored >= tau in pass 1.
+Outputs in `output_dir`: nearest.jsonl, flagged.jsonl, pruned_tau<tau>.jsonl.zst, stats.json, report.md,
+report.html (borderline pairs side by side), removed_vs_tau.png, and with `planted=` the recall per copy kind.
 """
 
 from __future__ import annotations
 
-import bisect
+import hashlib
 import heapq
 import json
 import sys
@@ -37,19 +38,21 @@ import numpy as np
 import orjson
 from tqdm import tqdm
 
+from data_tools.decontaminate import behaviour
 from data_tools.decontaminate.config import CONF_DIR, SCHEMA, DecontaminateConfig, DecontaminateConfigError, to_yaml
 from data_tools.decontaminate.inputs import BenchItem, load_benchmark, read_training
 from data_tools.decontaminate.measures import (
     Node,
     ast_match,
+    canonical_tree,
     code_tokens,
     difflib_ratio,
     ngrams,
-    normalized_tree,
+    parse,
     size_bound,
-    skeleton,
-    split_units,
+    tree_features,
     tree_size,
+    units_of_tree,
 )
 from data_tools.decontaminate.records import PairScore, ScanResult
 from data_tools.sources import SourceError
@@ -67,14 +70,51 @@ def _index(sets: list[set[int]]) -> dict[int, list[int]]:
     return index
 
 
+def digest(text: str) -> bytes:
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+
+
+class _Lsh:
+    """MinHashLSH (datasketch) over the benchmark's canonical-tree shingles; units query it."""
+
+    def __init__(self, cfg: DecontaminateConfig, bench: list[BenchItem]) -> None:
+        from datasketch import MinHash, MinHashLSH
+
+        c = cfg.candidates
+        self._mh, self.num_perm = MinHash, c.num_perm
+        template = MinHash(num_perm=c.num_perm, seed=1)
+        self.perm, self.scheme = template.permutations, template.scheme
+        self.lsh = MinHashLSH(threshold=c.lsh_threshold, num_perm=c.num_perm)
+        for p, b in enumerate(bench):
+            if b.features:
+                self.lsh.insert(p, self.minhash(b.features))
+
+    def minhash(self, features: set[str]):
+        m = self._mh(num_perm=self.num_perm, permutations=self.perm, scheme=self.scheme)
+        m.update_batch([f.encode() for f in features])
+        return m
+
+    def query(self, features: set[str]) -> list[int]:
+        return self.lsh.query(self.minhash(features)) if features else []
+
+
+TIE_CAP = 10
+"""Units whose shingles equal a problem's, kept beyond `candidates.max_per_problem`: up to this many times it."""
+
+
 def scan(cfg: DecontaminateConfig, bench: list[BenchItem], dropped: Counter) -> ScanResult:
-    res = ScanResult(skeleton_top=[[] for _ in bench])
-    gram_index, skel_index = _index([b.grams for b in bench]), _index([b.skel for b in bench])
-    n, sn = cfg.ngram.n, cfg.candidates.skeleton_n
-    cap, floor = cfg.candidates.max_per_problem, cfg.candidates.min_containment
+    res = ScanResult(lsh_top=[[] for _ in bench], lsh_ties=[[] for _ in bench], name_hits=[[] for _ in bench])
+    gram_index = _index([b.grams for b in bench])
+    lsh = _Lsh(cfg, bench)
+    by_entry: dict[str, list[int]] = defaultdict(list)
+    for p, b in enumerate(bench):
+        if b.problem.entry_point:
+            by_entry[b.problem.entry_point.lower()].append(p)
+    n, cap = cfg.ngram.n, cfg.candidates.max_per_problem
     bar = tqdm(read_training(cfg, dropped), desc="scan", unit="item", disable=not cfg.progress, mininterval=1)
     for item_idx, (item_id, text, _) in enumerate(bar):
         res.item_ids.append(item_id)
+        res.item_hash[item_id] = digest(text)
         toks, tokenized = code_tokens(text)
         res.counts["untokenizable"] += not tokenized
         shared: Counter = Counter()
@@ -83,34 +123,46 @@ def scan(cfg: DecontaminateConfig, bench: list[BenchItem], dropped: Counter) -> 
                 shared[p] += 1
         for p, c in shared.items():
             res.ngram_hits[p][item_idx] = c
-        units, parsed = split_units(text)
-        res.counts["unparsable"] += not parsed
-        rows = [t.row for t in toks]
-        for u in units:
-            if tokenized and u.name != "<module>":
-                utoks = toks[bisect.bisect_left(rows, u.first_row) : bisect.bisect_right(rows, u.last_row)]
-            else:
-                utoks = toks
-            unit_idx = len(res.unit_text)
-            res.unit_item.append(item_idx)
-            res.unit_name.append(u.name)
-            res.unit_text.append(u.text)
-            hits: Counter = Counter()
-            for g in ngrams(skeleton(utoks), sn):
-                for p in skel_index.get(g, ()):
-                    hits[p] += 1
-            for p, c in hits.items():
-                containment = c / len(bench[p].skel)
-                if containment < floor:
-                    continue
-                heap = res.skeleton_top[p]
+        tree = parse(text)
+        res.counts["unparsable"] += tree is None
+        if tree is None:
+            res.item_imports.append([])
+            _add_unit(res, item_idx, "<module>", "module", "", None, text)
+            continue
+        res.item_imports.append(behaviour.imports_of(tree))
+        for u, node in units_of_tree(tree, text, cfg.units.window, cfg.units.stride):
+            unit_idx = _add_unit(res, item_idx, u.name, u.kind, u.parent, u.arity, u.text)
+            if cfg.candidates.by_name and u.arity is not None:
+                for p in by_entry.get(u.name.lower(), ()):
+                    res.name_hits[p].append(unit_idx)
+            ctree = canonical_tree(node if node is not None else u.text)
+            if ctree is None:
+                continue
+            feats = tree_features(ctree)
+            for p in lsh.query(feats):
+                jac = len(feats & bench[p].features) / len(feats | bench[p].features)
+                heap = res.lsh_top[p]
                 if len(heap) < cap:
-                    heapq.heappush(heap, (containment, unit_idx))
-                elif containment > heap[0][0]:
-                    heapq.heapreplace(heap, (containment, unit_idx))
+                    heapq.heappush(heap, (jac, unit_idx))
+                elif jac > heap[0][0]:
+                    heapq.heapreplace(heap, (jac, unit_idx))
+                elif jac == 1.0 and len(res.lsh_ties[p]) < TIE_CAP * cap:
+                    # a full heap of identical shingle sets (tiny problems: `return n ** 2`) must not push out a
+                    # renamed copy that is just as identical
+                    res.lsh_ties[p].append(unit_idx)
     res.counts["items"] = len(res.item_ids)
     res.counts["units"] = len(res.unit_text)
     return res
+
+
+def _add_unit(res: ScanResult, item: int, name: str, kind: str, parent: str, arity, text: str) -> int:
+    res.unit_item.append(item)
+    res.unit_name.append(name)
+    res.unit_kind.append(kind)
+    res.unit_parent.append(parent)
+    res.unit_arity.append(arity)
+    res.unit_text.append(text)
+    return len(res.unit_text) - 1
 
 
 # --- embeddings -----------------------------------------------------------------------------------------------------
@@ -144,18 +196,30 @@ def nearest_by_embedding(cfg: DecontaminateConfig, bench: list[BenchItem], units
 # --- exact scoring on candidates ------------------------------------------------------------------------------------
 
 
-def score_candidates(
-    cfg: DecontaminateConfig, bench: list[BenchItem], res: ScanResult, emb: list[list[tuple]] | None
-) -> tuple[list[PairScore], Counter]:
+def candidate_pairs(res: ScanResult, emb: list[list[tuple]] | None) -> dict[tuple[int, int], PairScore]:
     pairs: dict[tuple[int, int], PairScore] = {}
-    for p, heap in enumerate(res.skeleton_top):
-        for containment, u in heap:
-            pairs[p, u] = PairScore(p, u, {"skeleton": round(containment, 4)})
+    for p, heap in enumerate(res.lsh_top):
+        for jac, u in heap:
+            pairs[p, u] = PairScore(p, u, {"minhash": round(jac, 4)})
+    for p, units in enumerate(res.lsh_ties):
+        for u in units:
+            pairs.setdefault((p, u), PairScore(p, u, {})).sources["minhash"] = 1.0
+    for p, units in enumerate(res.name_hits):
+        for u in units:
+            pairs.setdefault((p, u), PairScore(p, u, {})).sources["name"] = 1.0
     for p, near in enumerate(emb or []):
         for u, l2, _ in near:
             pairs.setdefault((p, u), PairScore(p, u, {})).sources["embedding_l2"] = round(l2, 4)
+    return pairs
+
+
+def score_candidates(
+    cfg: DecontaminateConfig, bench: list[BenchItem], res: ScanResult, emb: list[list[tuple]] | None
+) -> tuple[list[PairScore], Counter]:
+    pairs = candidate_pairs(res, emb)
     counts: Counter = Counter(
-        candidates_skeleton=sum(len(h) for h in res.skeleton_top),
+        candidates_minhash=sum(len(h) for h in res.lsh_top) + sum(len(t) for t in res.lsh_ties),
+        candidates_name=sum(len(x) for x in res.name_hits),
         candidates_embedding=sum(len(x) for x in emb or []),
         candidate_pairs=len(pairs),
     )
@@ -164,7 +228,7 @@ def score_candidates(
     for ps in tqdm(pairs.values(), desc="score", unit="pair", disable=not cfg.progress, mininterval=1):
         b = bench[ps.problem]
         if ps.unit not in trees:
-            t = normalized_tree(res.unit_text[ps.unit])
+            t = canonical_tree(res.unit_text[ps.unit])
             trees[ps.unit] = (t, tree_size(t) if t else 0)
         tree, size = trees[ps.unit]
         if cfg.difflib.enabled:
@@ -176,53 +240,96 @@ def score_candidates(
         if cfg.ast.method == "ted" and ps.ast_bound < floor:
             counts["ast_skipped_size_bound"] += 1  # provably below every tau: no need for the exact distance
             continue
-        ps.ast = ast_match(b.tree, tree, cfg.ast.method, b.size, size)
+        try:
+            ps.ast = ast_match(b.tree, tree, cfg.ast.method, b.size, size, cfg.ast.small_nodes)
+        except RecursionError:
+            counts["ast_too_deep"] += 1
+            continue
         counts["ast_scored"] += 1
+    if cfg.behaviour.enabled:
+        counts.update(run_behaviour(cfg, bench, res, list(pairs.values())))
     return list(pairs.values()), counts
 
 
-# --- pass 2: pruned copies ------------------------------------------------------------------------------------------
+def run_behaviour(cfg: DecontaminateConfig, bench: list[BenchItem], res: ScanResult, pairs: list[PairScore]) -> Counter:
+    """Sandbox every arity-compatible function candidate against its problem's tests (HumanEval-format tests only)."""
+    per_problem: dict[int, list[PairScore]] = defaultdict(list)
+    for ps in pairs:
+        b = bench[ps.problem]
+        if b.problem.kind == "mbpp" or not b.problem.test:
+            continue
+        if res.unit_kind[ps.unit] == "function" and behaviour.arity_ok(res.unit_arity[ps.unit], b.arity):
+            per_problem[ps.problem].append(ps)
+
+    def rank(ps: PairScore) -> tuple:
+        s = ps.sources
+        return (-s.get("name", 0.0), -(ps.ast or 0.0), -s.get("minhash", 0.0), s.get("embedding_l2", 9.0))
+
+    todo = [ps for mine in per_problem.values() for ps in sorted(mine, key=rank)[: cfg.behaviour.max_per_problem]]
+    programs = [behaviour.program(bench[ps.problem].problem, res, ps.unit) for ps in todo]
+    bc = cfg.behaviour
+    verdicts = behaviour.run_pairs(programs, bc.timeout_s, bc.memory_mb, None if bc.workers == -1 else bc.workers)
+    for ps, v in zip(todo, verdicts):
+        ps.behaviour = v
+    return Counter(behaviour_run=len(todo), behaviour_passed=sum(v == "passed" for v in verdicts))
+
+
+# --- pass 2: pruned copies, by id -----------------------------------------------------------------------------------
 
 
 def tau_name(tau: float) -> str:
     return f"pruned_tau{tau:g}.jsonl.zst"
 
 
-def write_pruned(cfg: DecontaminateConfig, item_ast: dict[int, float], n_items: int) -> dict[str, dict[str, int]]:
-    """One JSONL.zst per tau without the items whose best AST match rate is >= tau; counts reconciled."""
+def removed_ids(cfg: DecontaminateConfig, item_score: dict[str, tuple[float, bool]]) -> dict[float, set[str]]:
+    """Per tau, the ids whose best AST match is >= tau or that passed a problem's tests."""
+    return {t: {i for i, (a, passed) in item_score.items() if a >= t or passed} for t in set(cfg.prune.taus)}
+
+
+def write_pruned(
+    cfg: DecontaminateConfig, removed: dict[float, set[str]], pass1: dict[str, bytes]
+) -> dict[str, dict[str, Any]]:
+    """One JSONL.zst per tau without the removed ids. Reconciled by id: pass 2 must read exactly pass 1's ids with
+    the same texts (in any order), and per tau the kept and removed ids partition them, the removed ones being
+    exactly those pass 1 scored."""
     import zstandard
 
     out = Path(cfg.output_dir)
-    taus = sorted(set(cfg.prune.taus), reverse=True)
+    taus = sorted(removed, reverse=True)
     files = {t: (out / tau_name(t)).open("wb") for t in taus}
     writers = {t: zstandard.ZstdCompressor(level=3).stream_writer(f) for t, f in files.items()}
-    kept, removed = Counter(), Counter()
-    seen = 0
+    kept: dict[float, set[str]] = {t: set() for t in taus}
+    gone: dict[float, set[str]] = {t: set() for t in taus}
+    seen: set[str] = set()
     try:
         items = read_training(cfg, Counter())
-        for idx, (_, _, rec) in enumerate(
-            tqdm(items, desc="prune", unit="item", disable=not cfg.progress, total=n_items)
-        ):
-            seen += 1
+        for item_id, text, rec in tqdm(items, desc="prune", unit="item", disable=not cfg.progress, total=len(pass1)):
+            if pass1.get(item_id) != digest(text):
+                what = "is new" if item_id not in pass1 else "changed its text"
+                raise ReconcileError(f"train.paths: record id {item_id!r} {what} between pass 1 and pass 2")
+            seen.add(item_id)
             line = orjson.dumps(rec) + b"\n"
-            score = item_ast.get(idx, 0.0)
             for t in taus:
-                if score >= t:
-                    removed[t] += 1
+                if item_id in removed[t]:
+                    gone[t].add(item_id)
                 else:
-                    kept[t] += 1
+                    kept[t].add(item_id)
                     writers[t].write(line)
     finally:
         for w in writers.values():
             w.close()
+    missing = pass1.keys() - seen
+    if missing:
+        raise ReconcileError(
+            f"train.paths: {len(missing)} record ids of pass 1 missing in pass 2, e.g. {min(missing)!r}"
+        )
     stats = {}
     for t in taus:
-        expected = sum(1 for s in item_ast.values() if s >= t)
-        if seen != n_items or seen != kept[t] + removed[t] or removed[t] != expected:
+        if kept[t] & gone[t] or kept[t] | gone[t] != seen or gone[t] != removed[t]:
             raise ReconcileError(
-                f"tau={t:g}: in={seen} (pass 1: {n_items}) kept={kept[t]} removed={removed[t]} (pass 1: {expected})"
+                f"tau={t:g}: in={len(seen)} kept={len(kept[t])} removed={len(gone[t])} (pass 1: {len(removed[t])})"
             )
-        stats[f"{t:g}"] = {"in": seen, "kept": kept[t], "removed": removed[t], "file": tau_name(t)}
+        stats[f"{t:g}"] = {"in": len(seen), "kept": len(kept[t]), "removed": len(gone[t]), "file": tau_name(t)}
     return stats
 
 
@@ -237,6 +344,10 @@ def run(cfg: DecontaminateConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(to_yaml(cfg))
     bench = load_benchmark(cfg)
+    if cfg.planted:  # a typo in the labels path fails now, not after the scan
+        from data_tools.decontaminate.planted import read_labels
+
+        read_labels(cfg.planted)
     dropped: Counter = Counter()
     res = scan(cfg, bench, dropped)
     if not res.item_ids:
@@ -247,12 +358,13 @@ def run(cfg: DecontaminateConfig) -> dict[str, Any]:
     pairs, counts = score_candidates(cfg, bench, res, emb)
     t_score = time.perf_counter()
 
-    item_ast: dict[int, float] = {}
+    item_score: dict[str, tuple[float, bool]] = {}
     for ps in pairs:
-        if ps.ast is not None:
-            item = res.unit_item[ps.unit]
-            item_ast[item] = max(item_ast.get(item, 0.0), ps.ast)
-    prune_stats = write_pruned(cfg, item_ast, len(res.item_ids))
+        item_id = res.item_ids[res.unit_item[ps.unit]]
+        a, passed = item_score.get(item_id, (0.0, False))
+        item_score[item_id] = (max(a, ps.ast or 0.0), passed or ps.passed)
+    removed = removed_ids(cfg, item_score)
+    prune_stats = write_pruned(cfg, removed, res.item_hash)
     t_end = time.perf_counter()
 
     nearest = nearest_records(cfg, bench, res, emb, pairs)
@@ -267,7 +379,8 @@ def run(cfg: DecontaminateConfig) -> dict[str, Any]:
         "train": {
             "paths": list(cfg.train.paths),
             "items": len(res.item_ids),
-            "read_dropped": dict(dropped),
+            "read_dropped": {k: v for k, v in dropped.items() if k != "duplicate_id"},
+            "duplicate_ids_renamed": dropped["duplicate_id"],
             "units": len(res.unit_text),
             "items_unparsable": res.counts["unparsable"],
             "items_untokenizable": res.counts["untokenizable"],
@@ -283,12 +396,20 @@ def run(cfg: DecontaminateConfig) -> dict[str, Any]:
             "items_hit": len(items_hit),
             "problems_hit": sum(1 for h in res.ngram_hits.values() if h),
         },
-        "candidates": {k: counts[k] for k in ("candidates_skeleton", "candidates_embedding", "candidate_pairs")},
+        "candidates": {
+            k: counts[k] for k in ("candidates_minhash", "candidates_name", "candidates_embedding", "candidate_pairs")
+        },
         "ast": {
             "method": cfg.ast.method,
             "scored": counts["ast_scored"],
             "skipped_size_bound": counts["ast_skipped_size_bound"],
             "unparsable_pairs": counts["ast_unparsable_pairs"],
+            "too_deep": counts["ast_too_deep"],
+        },
+        "behaviour": {
+            "enabled": cfg.behaviour.enabled,
+            "run": counts["behaviour_run"],
+            "passed": counts["behaviour_passed"],
         },
         "difflib": {
             "enabled": cfg.difflib.enabled,
@@ -309,21 +430,45 @@ def run(cfg: DecontaminateConfig) -> dict[str, Any]:
             "total": round(t_end - t0, 2),
         },
         "items_per_s": round(len(res.item_ids) / max(t_end - t0, 1e-9), 1),
+        "units_per_s_candidates": round(len(res.unit_text) / max(t_scan - t0, 1e-9), 1),
     }
+    stats["by_measure"] = removed_by_measure(cfg, item_score)
+    if cfg.planted:
+        from data_tools.decontaminate.planted import planted_recall
+
+        stats["planted"] = planted_recall(cfg, bench, res, pairs)
     (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     write_reports(cfg, stats, bench, res, pairs)
     return stats
 
 
+def removed_by_measure(cfg: DecontaminateConfig, item_score: dict[str, tuple[float, bool]]) -> dict[str, Any]:
+    """Per tau, items removed by the AST match alone, by the behavioural measure alone, and by either."""
+    out = {}
+    for t in sorted(set(cfg.prune.taus), reverse=True):
+        syn = {i for i, (a, _) in item_score.items() if a >= t}
+        beh = {i for i, (_, p) in item_score.items() if p}
+        out[f"{t:g}"] = {
+            "ast": len(syn),
+            "behaviour": len(beh),
+            "either": len(syn | beh),
+            "behaviour_only": len(beh - syn),
+        }
+    return out
+
+
 def flagged_items(
     cfg: DecontaminateConfig, bench: list[BenchItem], res: ScanResult, pairs: list[PairScore]
 ) -> list[dict[str, Any]]:
-    """Every item with an n-gram hit, an AST match >= the smallest tau or a difflib ratio above its threshold."""
+    """Every item with an n-gram hit, an AST match >= the smallest tau, a passed test or a difflib ratio above its
+    threshold."""
     low = min(cfg.prune.taus)
     rows: dict[int, dict[str, Any]] = {}
 
     def row(item: int) -> dict[str, Any]:
-        return rows.setdefault(item, {"item_id": res.item_ids[item], "ast": 0.0, "ngram_hits": {}, "difflib": 0.0})
+        return rows.setdefault(
+            item, {"item_id": res.item_ids[item], "ast": 0.0, "ngram_hits": {}, "difflib": 0.0, "passes": []}
+        )
 
     for p, hits in res.ngram_hits.items():
         for item, c in hits.items():
@@ -331,13 +476,15 @@ def flagged_items(
     for ps in pairs:
         item = res.unit_item[ps.unit]
         a, d = ps.ast or 0.0, ps.difflib or 0.0
-        if a >= low or d > cfg.difflib.threshold or item in rows:
+        if a >= low or d > cfg.difflib.threshold or ps.passed or item in rows:
             r = row(item)
             if a > r["ast"]:
                 r.update(ast=round(a, 4), ast_task=bench[ps.problem].task_id, ast_unit=res.unit_name[ps.unit])
             r["difflib"] = max(r["difflib"], round(d, 4))
+            if ps.passed:
+                r["passes"].append({"task": bench[ps.problem].task_id, "unit": res.unit_name[ps.unit]})
     for r in rows.values():
-        r["removed_at_tau"] = sorted((t for t in cfg.prune.taus if r["ast"] >= t), reverse=True)
+        r["removed_at_tau"] = sorted((t for t in cfg.prune.taus if r["ast"] >= t or r["passes"]), reverse=True)
     return sorted(rows.values(), key=lambda r: (-r["ast"], r["item_id"]))
 
 
@@ -345,6 +492,8 @@ def flagged_items(
 def main(cfg: DecontaminateConfig) -> None:
     stats = run(cfg)
     line = ", ".join(f"tau {t}: -{s['removed']}" for t, s in stats["prune"].items())
+    if "planted" in stats:
+        line += f"; planted recall at tau {min(cfg.prune.taus):g}: {stats['planted']['summary']}"
     print(
         f"{stats['train']['items']} items, {stats['items_per_s']} items/s; {line}; report: {cfg.output_dir}/report.md"
     )
