@@ -101,15 +101,33 @@ class KernelConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One shard set of a weighted training mixture."""
+
+    path: str = MISSING
+    """Directory or URL prefix of the shard set (as data.path)."""
+    weight: float = 1.0
+    """Relative share of the training sequences drawn from it (normalised over the sources; > 0)."""
+
+
+@dataclass
 class DataConfig:
     """Where the token shards are and how they stream."""
 
     path: str = "data/demo/shards"
     """Directory (or URL prefix webdataset accepts) holding `manifest.json` and the `train-*.tar` / `val-*.tar` shards."""
+    sources: list[SourceConfig] = field(default_factory=list)
+    """A weighted mixture of shard sets for training, `[{path: A, weight: 0.8}, {path: B, weight: 0.2}]`: each chunk of
+    a global batch comes from a source drawn by weight (docs/data.md). Empty: `path` alone. The sources must share one
+    tokenizer and seq_len; validation and the tokenizer come from the first."""
     seq_len: int | None = None
     """Tokens per training sequence. None: the shards' own `seq_len` (manifest)."""
     num_workers: int = 1
-    """Dataloader worker processes per rank. Exact resume needs the same world size and worker count (docs/data.md)."""
+    """Dataloader worker processes per rank. They only host readers: the data a step sees does not depend on them."""
+    readers: int | None = None
+    """Virtual readers of the training stream, each streaming its share of the shards (docs/data.md); it must divide
+    train.global_batch_size. None: the largest divisor of the global batch <= min(16, train shards). Fixed by the
+    data and recipe, never by the world size: what a step sees is the same on any number of ranks and workers."""
     shuffle_buffer: int = 1000
     """Sequences held in the sample-level shuffle buffer of each reader."""
     seed: int = 1234
@@ -119,11 +137,14 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _require(self.num_workers >= 0, f"data.num_workers={self.num_workers} must be >= 0")
+        _require(self.readers is None or self.readers >= 1, f"data.readers={self.readers} must be >= 1 or null")
         _require(self.shuffle_buffer >= 1, f"data.shuffle_buffer={self.shuffle_buffer} must be >= 1")
         _require(
             self.on_bad_shard in ("raise", "skip"), f"data.on_bad_shard={self.on_bad_shard!r} is not one of raise, skip"
         )
         _require(self.seq_len is None or self.seq_len > 0, f"data.seq_len={self.seq_len} must be positive or null")
+        for i, src in enumerate(self.sources):
+            _require(src.weight > 0, f"data.sources[{i}].weight={src.weight} must be > 0")
 
 
 @dataclass
@@ -153,7 +174,8 @@ class TrainConfig:
     """Validation micro-batches per rank at each evaluation."""
     ckpt_every: int = 1000
     keep_last: int = 3
-    """Complete checkpoints kept on disk; older ones are removed after a new one is saved."""
+    """Complete checkpoints kept on disk (at least 2: a corrupt newest one falls back to the one before); older ones
+    are removed after a new one is committed."""
     ckpt_dir: str | None = None
     """None: `checkpoints/` inside the run directory."""
     resume: bool = True
@@ -182,6 +204,11 @@ class TrainConfig:
             "keep_last",
         ):
             _require(getattr(self, key) > 0, f"train.{key}={getattr(self, key)} must be a positive integer")
+        _require(
+            self.keep_last >= 2,
+            f"train.keep_last={self.keep_last} must be >= 2: the previous complete checkpoint is the fallback when the "
+            "newest one is found corrupt",
+        )
         _require(self.warmup_steps >= 0, f"train.warmup_steps={self.warmup_steps} must be >= 0")
         _require(self.weight_decay >= 0, f"train.weight_decay={self.weight_decay} must be >= 0")
         _require(
@@ -290,66 +317,14 @@ def model_config(**overrides) -> ModelConfig:
     return ModelConfig(**base)
 
 
-def _field_types(cls) -> dict:
-    import dataclasses
-    import typing
-
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-
-
 def check_override(arg: str) -> None:
-    """Fail on one line for a command-line override naming a key or a value our schema cannot take.
+    """Point an override of a key that moved (`model.attention`) at its new home, on one line.
 
-    Hydra would catch these too, but with a seven-line message; this runs first. Group choices (`model=phi1`),
-    additions (`+x=`), deletions (`~x`), Hydra's own keys and sweeps (`a=1,2`) are left to Hydra.
-    """
-    import dataclasses
-    import types
-    import typing
-
+    Everything else about an override (unknown keys, wrong types) is checked against the schema by
+    `phi_train.cli.check_override` when the command composes its config."""
     old = arg.split("=", 1)[0].lstrip("+~")
     if old in MOVED_KEYS:
         value = arg.split("=", 1)[1] if "=" in arg else "..."
         raise ConfigError(
             f"{old} is now {MOVED_KEYS[old]} (a kernel choice, not architecture): use {MOVED_KEYS[old]}={value}"
         )
-    if "=" not in arg or arg.startswith(("+", "~", "-", "hydra.", "hydra/")):
-        return
-    key, value = arg.split("=", 1)
-    parts = key.split(".")
-    if len(parts) == 1:
-        return
-    cls = Config
-    for depth, name in enumerate(parts):
-        types_ = _field_types(cls)
-        if name not in types_:
-            where = ".".join(parts[:depth]) or "the config"
-            raise ConfigError(f"unknown key {key!r}: {where} has {', '.join(types_)}")
-        tp = types_[name]
-        inner = [t for t in typing.get_args(tp) if t is not type(None)] if isinstance(tp, types.UnionType) else [tp]
-        tp = inner[0] if len(inner) == 1 else tp
-        if dataclasses.is_dataclass(tp):
-            cls = tp
-            continue
-        if depth != len(parts) - 1:
-            raise ConfigError(f"unknown key {key!r}: {'.'.join(parts[: depth + 1])} is a value, not a section")
-        if "," in value or value.startswith(("${", "[", "choice(", "range(", "glob(", "interval(")):
-            return  # a sweep or an interpolation: Hydra resolves it
-        if value == "null" and isinstance(types_[name], types.UnionType):
-            return
-        ok = {
-            int: lambda v: v.lstrip("-").replace("_", "").isdigit(),
-            float: lambda v: _is_float(v),
-            bool: lambda v: v.lower() in ("true", "false"),
-        }.get(tp, lambda v: True)(value)
-        if not ok:
-            raise ConfigError(f"{key}={value!r} is not a valid {tp.__name__}")
-
-
-def _is_float(v: str) -> bool:
-    try:
-        float(v)
-        return True
-    except ValueError:
-        return False

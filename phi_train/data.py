@@ -1,6 +1,10 @@
-"""The training data stream: token shards -> micro-batches, deterministic and exactly resumable.
+"""The data streams: token shards -> micro-batches, deterministic and exactly resumable.
 
-Contract (docs/data.md has the long form):
+`GlobalBatchStream` (end of this file) is the trainer's: global batches that do not depend on the world size, each
+rank taking its slice, optionally a weighted mixture of shard sets — exactly resumable on another world size.
+`TokenStream` (below) is per-rank slots; the trainer uses it for validation passes.
+
+TokenStream contract (docs/data.md has the long form):
 - Each rank runs `max(num_workers, 1)` readers ("slots"), globally numbered `slot = rank * W + worker`. For epoch e a
   slot reads `perm_e[slot :: n_slots]`, where `perm_e` is the manifest's shard list shuffled by (seed, e), the same on
   every rank; so in every epoch the slots partition the shards and no two ranks read the same sequence.
@@ -478,3 +482,302 @@ class TokenStream:
                 epoch += 1
             positions[slot] = (epoch, left)
         return positions
+
+
+# --- the training stream: global batches independent of the world size ----------------------------------------------------
+
+GLOBAL_STATE_FORMAT = 2
+
+
+def default_readers(global_batch_size: int, n_shards: int, most: int = 16) -> int:
+    """Readers of a global-batch stream when none are configured: the largest divisor of the global batch that is at
+    most `most` and the shard count — a function of data and recipe only, never of the world size."""
+    return max(v for v in range(1, min(most, n_shards, global_batch_size) + 1) if global_batch_size % v == 0)
+
+
+def _rows(batch, lo: int, hi: int):
+    return tuple(t[lo:hi] for t in batch) if isinstance(batch, (tuple, list)) else batch[lo:hi]
+
+
+def _cat(parts: list):
+    if isinstance(parts[0], (tuple, list)):
+        return tuple(torch.cat([p[i] for p in parts]) for i in range(len(parts[0])))
+    return torch.cat(parts)
+
+
+def mixture_draw(seed: int, batch: int, weights: list[float], readers: int) -> list[int]:
+    """The source of each of the `readers` chunks of global batch `batch`: a pure function of (seed, batch)."""
+    if len(weights) == 1:
+        return [0] * readers
+    return random.Random(_mix("mixture", seed, batch)).choices(range(len(weights)), weights=weights, k=readers)
+
+
+def _serving(draw: list[int], counters: list[int], readers: int) -> list[tuple[int, int, int]]:
+    """(source, reader of that source, its chunk number) serving each chunk of a global batch; advances `counters`.
+    A source's chunks are dealt to its readers round robin: chunk n is reader n % V's."""
+    out = []
+    for s in draw:
+        out.append((s, counters[s] % readers, counters[s]))
+        counters[s] += 1
+    return out
+
+
+class _ReaderGroup(IterableDataset):
+    """The readers one DataLoader worker hosts. Per global batch one item: for each chunk of that batch one of its
+    readers serves, (chunk k, source, reader, epoch, index, rows this rank keeps or None, bad shards)."""
+
+    def __init__(self, stream: GlobalBatchStream, hosted: list[list[tuple[int, int]]]):
+        self.readers = stream._readers  # one _SlotReader per source
+        self.hosted = hosted  # per worker: [(source, reader)]
+        self.positions = dict(stream._positions)
+        self.counters = list(stream._counters)
+        self.batch = stream._global_batches
+        self.seed, self.weights, self.V = stream.seed, stream.weights, stream.readers
+        self.keep = {k: (lo, hi) for k, lo, hi in stream.needed}
+
+    def __iter__(self):
+        info = get_worker_info()
+        mine = set(self.hosted[info.id if info is not None else 0])
+        gens = {(s, j): self.readers[s].batches(j, *self.positions[(s, j)]) for s, j in mine}
+        counters, b = list(self.counters), self.batch
+        try:
+            while True:
+                item = []
+                serving = _serving(mixture_draw(self.seed, b, self.weights, self.V), counters, self.V)
+                for k, (s, j, _) in enumerate(serving):
+                    if (s, j) in mine:
+                        _, batch, _, epoch, index, bad = next(gens[(s, j)])
+                        rows = _rows(batch, *self.keep[k]) if k in self.keep else None
+                        item.append((k, s, j, epoch, index, rows, bad))
+                yield item
+                b += 1
+        except DataError as exc:
+            yield [("error", str(exc))]
+
+
+class GlobalBatchStream:
+    """Training micro-batches for one rank, cut from global batches that do not depend on the world size.
+
+    A global batch of G sequences is V = `readers` chunks of G / V. With one source, chunk k of every global batch
+    comes from virtual reader k, which streams its share of the shards exactly as a slot of `TokenStream` does (in
+    epoch e, reader k reads the (seed, e) shard permutation's `[k::V]`, shuffled by its own (seed, e, k) RNG). With a
+    weighted mixture of sources, each chunk's source is drawn by weight from an RNG seeded by (seed, global batch),
+    and each source's chunks are dealt round robin to that source's own V readers. Either way the sequence of global
+    batches is a pure function of (manifests, weights, seed, G, V, shuffle buffer).
+
+    Rank r of M takes rows [r*G/M, (r+1)*G/M) of every global batch, in micro-batches; DataLoader workers only host
+    readers. With one source a rank runs just the readers its rows fall in; with a mixture every rank runs every
+    reader (any of them may serve its rows next) and decodes only its rows. So neither the world size nor the worker
+    count changes what a step sees, and a run saved on N ranks resumes exactly on M.
+
+    State: the global batches handed out, each source's chunks consumed, and every hosted reader's (epoch, next
+    chunk). The union of all ranks' states has every reader's position; `load_state_dict` takes that list.
+    """
+
+    def __init__(
+        self,
+        sources: str | list[dict],
+        *,
+        seq_len: int,
+        global_batch_size: int,
+        micro_batch_size: int,
+        rank: int,
+        world_size: int,
+        readers: int | None,
+        num_workers: int,
+        seed: int,
+        shuffle_buffer: int,
+        on_bad_shard: str = "raise",
+    ):
+        sources = [{"path": sources, "weight": 1.0}] if isinstance(sources, str) else list(sources)
+        if not sources:
+            raise DataError("data.sources is empty; give at least one {path, weight}")
+        self.paths, self.weights, self.shards = [], [], []
+        for i, src in enumerate(sources):
+            path, weight = str(src.get("path") or ""), src.get("weight", 1.0)
+            if not path or not isinstance(weight, (int, float)) or not weight > 0:
+                raise DataError(f"data.sources[{i}]={dict(src)!r} needs a path and a weight > 0")
+            manifest = read_manifest(path)
+            if manifest["seq_len"] != seq_len:
+                raise DataError(f"seq_len={seq_len} but the shards in {path} hold seq_len={manifest['seq_len']}")
+            if "train" not in manifest["splits"]:
+                raise DataError(f"split 'train' not in {shard_url(path, 'manifest.json')}")
+            if i and manifest["tokenizer"].get("sha256") != self.manifest["tokenizer"].get("sha256"):
+                raise DataError(f"data.sources[{i}] {path} was tokenized with another tokenizer than {self.paths[0]}")
+            if not i:
+                self.manifest = manifest
+            self.paths.append(path)
+            self.weights.append(float(weight))
+            self.shards.append(list(manifest["splits"]["train"]["shards"]))
+        G, M = global_batch_size, world_size
+        if G % (M * micro_batch_size):
+            raise DataError(f"global batch {G} is not a multiple of micro_batch_size={micro_batch_size} x world {M}")
+        fewest = min(len(s) for s in self.shards)
+        V = readers or default_readers(G, fewest)
+        if G % V or V > fewest:
+            raise DataError(
+                f"data.readers={V} must divide the global batch {G} and be at most the {fewest} train shards of the "
+                f"smallest source; try data.readers={default_readers(G, fewest)}"
+            )
+        if on_bad_shard not in ("raise", "skip"):
+            raise DataError(f"on_bad_shard={on_bad_shard!r} is not one of raise, skip")
+        self.seq_len, self.global_batch_size, self.micro_batch_size = seq_len, G, micro_batch_size
+        self.rank, self.world_size, self.readers, self.num_workers = rank, M, V, num_workers
+        self.seed, self.shuffle_buffer, self.on_bad_shard = seed, shuffle_buffer, on_bad_shard
+        self.chunk = G // V
+        self.first_row, self.end_row = rank * G // M, (rank + 1) * G // M
+        self.accumulation = (self.end_row - self.first_row) // micro_batch_size
+        # (chunk k, first row, end row within it) of the chunks this rank's rows fall in, in row order
+        self.needed = [
+            (k, max(self.first_row, k * self.chunk) - k * self.chunk, min(self.end_row, (k + 1) * self.chunk) - k * self.chunk)
+            for k in range(V)
+            if k * self.chunk < self.end_row and (k + 1) * self.chunk > self.first_row
+        ]  # fmt: skip
+        self._readers = [
+            _SlotReader(path, shards, width=seq_len + 1, micro_batch_size=self.chunk, n_slots=V, seed=_source_seed(seed, s),
+                        shuffle_buffer=shuffle_buffer, on_bad_shard=on_bad_shard, loop=True)
+            for s, (path, shards) in enumerate(zip(self.paths, self.shards))
+        ]  # fmt: skip
+        if len(self.paths) == 1:
+            self.hosted = [(0, k) for k, _, _ in self.needed]
+        else:
+            self.hosted = [(s, j) for s in range(len(self.paths)) for j in range(V)]
+        self._positions: dict[tuple[int, int], tuple[int, int]] = {h: (0, 0) for h in self.hosted}
+        self._counters = [0] * len(self.paths)
+        self._global_batches = 0
+        self.stats: dict = {"global_batches": 0, "sequences": 0, "bad_shards_skipped": 0, "bad_shards": [],
+                            "epochs_completed": {}, "sequences_per_source": [0] * len(self.paths)}  # fmt: skip
+
+    def _identity(self) -> dict:
+        return {
+            "seed": self.seed,
+            "readers": self.readers,
+            "global_batch_size": self.global_batch_size,
+            "shuffle_buffer": self.shuffle_buffer,
+            "seq_len": self.seq_len,
+            "shards": "+".join(_fingerprint(s) for s in self.shards),
+            "weights": self.weights,
+        }
+
+    def _epochs(self) -> dict:
+        return {f"{s}:{j}" if len(self.paths) > 1 else j: e for (s, j), (e, _) in self._positions.items()}
+
+    def _source_epochs(self) -> list[int]:
+        """Per source, the passes every one of its (hosted) readers has completed."""
+        return [
+            min((e for (s2, _), (e, _) in self._positions.items() if s2 == s), default=0)
+            for s in range(len(self.paths))
+        ]
+
+    def __iter__(self):
+        """Micro-batches [micro_batch_size, seq_len + 1] (or (tokens, mask)); `accumulation` of them per global batch."""
+        n_workers = max(1, min(self.num_workers, len(self.hosted)))
+        dataset = _ReaderGroup(self, [self.hosted[w::n_workers] for w in range(n_workers)])
+        if self.num_workers == 0:
+            items = iter(dataset)
+        else:  # spawn and a private generator: see TokenStream.__iter__
+            items = iter(DataLoader(dataset, batch_size=None, num_workers=n_workers, multiprocessing_context="spawn",
+                                    generator=torch.Generator().manual_seed(0)))  # fmt: skip
+        while True:
+            parts = []
+            for _ in range(n_workers):  # the DataLoader polls its workers in strict round robin: one item each
+                for entry in next(items):
+                    if entry[0] == "error":
+                        raise DataError(entry[1])
+                    parts.append(entry)
+            kept = sorted((e for e in parts if e[5] is not None), key=lambda e: e[0])  # rows in chunk order
+            rows = _cat([tuple(e[5]) if isinstance(e[5], list) else e[5] for e in kept])
+            mbs = self.micro_batch_size
+            for i in range(self.accumulation):
+                if i == self.accumulation - 1:  # the state moves once the whole global batch was handed out
+                    for _, s, j, epoch, index, _, bad in parts:
+                        self._positions[(s, j)] = (epoch, index + 1)
+                        if bad:
+                            self.stats["bad_shards_skipped"] += len(bad)
+                            self.stats["bad_shards"] = sorted(set(self.stats["bad_shards"]) | set(bad))
+                    draw = mixture_draw(self.seed, self._global_batches, self.weights, self.readers)
+                    _serving(draw, self._counters, self.readers)
+                    self._global_batches += 1
+                    self.stats["global_batches"] = self._global_batches
+                    self.stats["sequences_per_source"] = [n * self.chunk for n in self._counters]
+                    self.stats["epochs_completed"] = self._epochs()
+                    self.stats["epochs_per_source"] = self._source_epochs()
+                self.stats["sequences"] += mbs
+                yield _rows(rows, i * mbs, (i + 1) * mbs)
+
+    def state_dict(self) -> dict:
+        """Position after the last complete global batch handed out. JSON-serialisable."""
+        return {
+            "format": GLOBAL_STATE_FORMAT,
+            **self._identity(),
+            "global_batches": self._global_batches,
+            "chunks_per_source": list(self._counters),
+            "positions": {f"{s}:{j}": list(p) for (s, j), p in self._positions.items()},
+            "bad_shards_skipped": self.stats["bad_shards_skipped"],
+        }
+
+    def load_state_dict(self, states: dict | list[dict]) -> None:
+        """Resume from the states of every rank of the saved run (any world size), or one of them."""
+        states = states if isinstance(states, list) else [states]
+        if not states or any(not isinstance(s, dict) or s.get("format") != GLOBAL_STATE_FORMAT for s in states):
+            raise DataError(
+                f"data stream state has format {[s.get('format') if isinstance(s, dict) else s for s in states][:1]}, "
+                f"expected {GLOBAL_STATE_FORMAT} (saved by an older phi_train: resume with that version, or start "
+                "fresh with train.init_from=<checkpoint>)"
+            )
+        mine = self._identity()
+        diffs = [f"{k}: saved {states[0].get(k)!r}, now {v!r}" for k, v in mine.items() if states[0].get(k) != v]
+        if diffs:
+            raise DataError(
+                "cannot resume the data stream exactly, the setup changed (" + "; ".join(diffs) + "); restore the "
+                "saved setup, or start fresh with train.init_from=<checkpoint> (docs/data.md)"
+            )
+        batches = {int(s["global_batches"]) for s in states}
+        if len(batches) != 1:
+            raise DataError(f"data stream states disagree on the global batches consumed: {sorted(batches)}")
+        known = {}
+        for st in states:
+            for key, p in st["positions"].items():
+                s, j = (int(x) for x in key.split(":"))
+                known[(s, j)] = (int(p[0]), int(p[1]))
+        missing = [h for h in self.hosted if h not in known]
+        if missing:
+            if len(self.paths) > 1 or any(s.get("bad_shards_skipped") for s in states):
+                raise DataError(f"data stream state lacks readers {missing}: save every rank's state")
+            known.update(
+                {(0, k): p for k, p in self.positions_after(next(iter(batches)), [j for _, j in missing]).items()}
+            )
+        self._positions = {h: known[h] for h in self.hosted}
+        self._global_batches = next(iter(batches))
+        self._counters = [int(n) for n in states[0]["chunks_per_source"]]
+        self.stats["global_batches"] = self._global_batches
+        self.stats["sequences_per_source"] = [n * self.chunk for n in self._counters]
+        self.stats["bad_shards_skipped"] = max(int(s.get("bad_shards_skipped", 0)) for s in states)
+        self.stats["epochs_completed"] = self._epochs()
+        self.stats["epochs_per_source"] = self._source_epochs()
+
+    def positions_after(self, global_batches: int, readers: list[int]) -> dict[int, tuple[int, int]]:
+        """One source: reader positions after `global_batches` chunks each, from the manifest's counts (no bad shards)."""
+        out = {}
+        for k in readers:
+            left, epoch = global_batches, 0
+            while True:
+                per_epoch = self.chunks_per_epoch(k, epoch)
+                if per_epoch == 0:
+                    raise DataError(f"reader {k} gets no full chunk of {self.chunk} sequences in epoch {epoch}")
+                if left < per_epoch:
+                    break
+                left, epoch = left - per_epoch, epoch + 1
+            out[k] = (epoch, left)
+        return out
+
+    def chunks_per_epoch(self, reader: int, epoch: int, source: int = 0) -> int:
+        """Chunks reader `reader` of `source` serves in `epoch`, from the manifest's sequence counts."""
+        counts = {s["name"]: s["sequences"] for s in self.shards[source]}
+        names = epoch_shards(list(counts), _source_seed(self.seed, source), epoch, reader, self.readers)
+        return sum(counts[n] for n in names) // self.chunk
+
+
+def _source_seed(seed: int, source: int) -> int:
+    """Source 0 keeps the data seed (a one-source run reads as before); the others get their own shuffles."""
+    return seed if source == 0 else _mix("source", seed, source)

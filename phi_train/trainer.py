@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
@@ -240,18 +241,65 @@ def gather(obj) -> list:
     return out
 
 
+def summed_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of the next-token losses of logits (B, T, V) at labels (B, T; -100 = no target): 0 when none."""
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100,
+                           reduction="sum")  # fmt: skip
+
+
+def rows_digest(micro: list[torch.Tensor], first_row: int) -> int:
+    """This rank's share of a global batch's digest: sum over its rows of (global row index + 1) x a 64-bit hash of
+    the row, mod 2**63. Summed over the ranks (mod 2**63) it is the same number whatever the world size and
+    micro-batch size that cut the global batch: the per-step proof in metrics.jsonl that a run saw the same data."""
+    import hashlib
+
+    rows = torch.cat(micro).numpy()
+    h = [int.from_bytes(hashlib.blake2b(r.tobytes(), digest_size=8).digest(), "little") for r in rows]
+    return sum((first_row + i + 1) * x for i, x in enumerate(h)) % 2**63
+
+
+def token_weighted_step(engine, micro: list[tuple[torch.Tensor, torch.Tensor]], fault_point: str = "") -> tuple:
+    """One optimizer step whose gradient is that of the whole global batch, however it is cut into micro-batches and
+    ranks: the sum of every target token's loss over all micro-batches and ranks, divided by the number of target
+    tokens all ranks hold in this step (all-reduced once, before the first backward).
+
+    Averaging per-micro-batch means instead weighs a micro-batch with 20 completion tokens like one with 2,000, so the
+    result would depend on micro-batch size, accumulation and world size (the gradient-accumulation loss bug
+    transformers fixed in 2024). DeepSpeed averages gradients over the data-parallel ranks, so each rank's share is
+    scaled by `world / tokens` and DeepSpeed's own 1/accumulation scaling is switched off. A micro-batch, or a whole
+    step, without targets contributes zero loss and zero gradient, never NaN.
+
+    Returns (this rank's summed token loss, the step's target tokens over all ranks), on the device.
+    """
+    n = torch.zeros((), dtype=torch.float64, device=micro[0][1].device)
+    for _, labels in micro:
+        n += (labels != -100).sum()
+    dist.all_reduce(n)  # float64: exact for any token count a run reaches
+    scale = dist.get_world_size() / n.clamp(min=1).float()
+    total = torch.zeros((), device=n.device)
+    for inputs, labels in micro:
+        loss = summed_loss(engine(inputs), labels)
+        engine.backward(loss * scale, scale_wrt_gas=False)
+        fault(fault_point)
+        engine.step()
+        total += loss.detach()
+    return total, n
+
+
 class Trainer:
     """One training run. `fit()` resumes if it can, trains to `max_steps`, and returns a summary dict."""
 
     def __init__(self, cfg: DictConfig):
         import deepspeed
 
-        from phi_train.data import TokenStream, read_manifest
+        from phi_train.data import GlobalBatchStream, read_manifest
 
         self.conf: Config = to_object(cfg)
         self.resolved = OmegaConf.to_container(cfg, resolve=True)
         conf = self.conf
-        self.manifest = read_manifest(conf.data.path)  # before any process group: a wrong path fails fast
+        # one path, or the first source of a mixture: the tokenizer and validation data come from it
+        self.data_path = conf.data.sources[0].path if conf.data.sources else conf.data.path
+        self.manifest = read_manifest(self.data_path)  # before any process group: a wrong path fails fast
         init_distributed()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         if torch.cuda.is_available():
@@ -269,7 +317,7 @@ class Trainer:
             )
         if self.seq_len > conf.model.max_seq_len:
             raise ConfigError(f"data seq_len={self.seq_len} exceeds model.max_seq_len={conf.model.max_seq_len}")
-        self.tokenizer = shards_tokenizer(conf.data.path, self.manifest, self.run_dir)
+        self.tokenizer = shards_tokenizer(self.data_path, self.manifest, self.run_dir)
 
         torch.manual_seed(conf.train.seed)  # identical init on every rank
         k = conf.kernels
@@ -300,6 +348,15 @@ class Trainer:
         t = conf.train
         self.ds_config = deepspeed_config(conf, self.world)
         self.grad_accum = self.ds_config["gradient_accumulation_steps"]
+        self.resume_tag, self.load_tag = self.find_checkpoint(), None
+        if self.resume_tag is not None:
+            meta = ckpt.read_meta(self.ckpt_dir, self.resume_tag)
+            where = str(self.ckpt_dir / self.resume_tag)
+            ckpt.check_compatible(meta, conf.model, self.vocab_size, self.world, where)
+            self.load_tag = self.resume_tag
+            if meta["world_size"] != self.world:  # ZeRO partitions of another world: reshard them on load
+                self.load_tag = self.to_universal(self.resume_tag, meta["world_size"])
+                self.ds_config["checkpoint"] = {"load_universal": True}
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model,
             model_parameters=param_groups(model, t.weight_decay),
@@ -309,25 +366,36 @@ class Trainer:
             ),
         )
         d = conf.data
-        self.stream = TokenStream(
-            d.path, "train", seq_len=self.seq_len, micro_batch_size=t.micro_batch_size, rank=self.rank,
-            world_size=self.world, num_workers=d.num_workers, seed=d.seed, shuffle_buffer=d.shuffle_buffer,
-            on_bad_shard=d.on_bad_shard,
+        self.stream = GlobalBatchStream(
+            [{"path": s.path, "weight": s.weight} for s in d.sources] or d.path, seq_len=self.seq_len, global_batch_size=t.global_batch_size, micro_batch_size=t.micro_batch_size,
+            rank=self.rank, world_size=self.world, readers=d.readers, num_workers=d.num_workers, seed=d.seed,
+            shuffle_buffer=d.shuffle_buffer, on_bad_shard=d.on_bad_shard,
         )  # fmt: skip
+        assert self.stream.accumulation == self.grad_accum
         self.step = 0
         self.metrics_path = self.run_dir / "metrics.jsonl"
-        self.pending: list[tuple[int, torch.Tensor, float]] = []  # (step, loss, lr) awaiting a log
+        # (step, this rank's summed token loss, the step's target tokens over all ranks, lr) awaiting a log
+        # and this rank's share of the global batch's digest (rows_digest)
+        self.pending: list[tuple[int, torch.Tensor, torch.Tensor, float, int]] = []
         self.interval_start, self.paused = time.perf_counter(), 0.0  # throughput clock, see flush_metrics
         self.wandb = None
+        self.digest = 0
 
     # ---------------------------------------------------------------- checkpoints
     def save(self) -> None:
         tag = ckpt.tag_for(self.step)
+        if self.rank == 0 and (self.ckpt_dir / tag).exists():
+            # left by a save that was killed, or a checkpoint found corrupt and fallen back from: never mix its files
+            # (or its old meta.json) with the new ones
+            shutil.rmtree(self.ckpt_dir / tag)
+        dist.barrier()
         client = {
             "step": self.step,
             "tokens_seen": self.tokens_seen,
             "stream": gather(self.stream.state_dict()),
             "rng": gather(rng_state()),
+            # what DeepSpeed's universal-checkpoint conversion asks of a client (a resume on another world size)
+            "universal_checkpoint_info": {"universal_checkpoint_version": 0.4},
         }
         self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client, save_latest=False)
         dist.barrier()
@@ -342,24 +410,100 @@ class Trainer:
             ckpt.commit(self.ckpt_dir, tag, meta, self.conf.train.keep_last)
         dist.barrier()
 
+    def find_checkpoint(self) -> str | None:
+        """The newest checkpoint that verifies: rank 0 checks every file's checksum and tells the others."""
+        choice = [None]
+        if self.rank == 0 and self.conf.train.resume:
+            try:
+                choice = [ckpt.newest_usable(self.ckpt_dir)]
+            except ConfigError as exc:
+                choice = [exc]
+        dist.broadcast_object_list(choice, src=0)
+        if isinstance(choice[0], ConfigError):
+            raise choice[0]
+        return choice[0]
+
+    def to_universal(self, tag: str, saved_world: int) -> str:
+        """DeepSpeed's universal checkpoint of `tag` (every parameter's fp32 master copy and Adam moments whole,
+        loadable on any world size), written by rank 0 next to it; the run loads that, then removes it."""
+        import subprocess
+        import sys
+
+        out = f"{tag}_universal"  # not a tag name (see checkpoint.tags): pruning and fallback never see it
+        failed = [None]
+        if self.rank == 0:
+            shutil.rmtree(self.ckpt_dir / out, ignore_errors=True)
+            print(
+                f"phi-train: {tag} was saved on {saved_world} ranks, this run has {self.world}: resharding it",
+                flush=True,
+            )
+            cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                   str(self.ckpt_dir / tag), "--output_folder", str(self.ckpt_dir / out), "--num_extract_workers",
+                   "1", "--num_merge_workers", "1"]  # fmt: skip
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                lines = [line for line in proc.stderr.splitlines() if line.strip()]
+                failed = [
+                    f"resharding {self.ckpt_dir / tag} for {self.world} ranks failed: {lines[-1] if lines else ''}"
+                ]
+        dist.broadcast_object_list(failed, src=0)
+        if failed[0]:
+            raise ConfigError(failed[0])
+        return out
+
     def maybe_resume(self) -> bool:
-        tag = ckpt.latest_tag(self.ckpt_dir) if self.conf.train.resume else None
+        """Load the checkpoint `find_checkpoint` chose, or start fresh; either way metrics.jsonl then holds exactly the
+        steps before this run's first one. Same world size: DeepSpeed's own files, every rank's own data and RNG
+        state — bit-identical to an uninterrupted run. Another world size: the resharded universal checkpoint; the
+        data stream takes the same global batches on (every saved rank's reader positions), dropout RNG the saved
+        state of rank `rank % saved world`."""
+        tag = self.resume_tag
         if tag is None:
+            self.truncate_metrics(0)
             return False
         where = str(self.ckpt_dir / tag)
-        ckpt.check_compatible(ckpt.read_meta(self.ckpt_dir, tag), self.conf.model, self.vocab_size, self.world, where)
-        _, client = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
+        try:
+            _, client = self.engine.load_checkpoint(str(self.ckpt_dir), tag=self.load_tag)
+        except Exception as exc:  # noqa: BLE001 - verified files DeepSpeed still refuses: say so on one line
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            raise ConfigError(f"DeepSpeed could not load checkpoint {where}: {type(exc).__name__}: {first}") from None
         if client is None:
             raise ConfigError(f"DeepSpeed could not load checkpoint {where}")
         self.step = client["step"]
-        self.stream.load_state_dict(client["stream"][self.rank])
-        set_rng_state(client["rng"][self.rank])
-        if self.rank == 0 and self.metrics_path.exists():  # steps after the checkpoint will be recomputed: drop them
-            kept = [
-                line for line in self.metrics_path.read_text().splitlines() if json.loads(line)["step"] <= self.step
-            ]
-            ckpt.write_atomic(self.metrics_path, "".join(f"{line}\n" for line in kept))
+        self.stream.load_state_dict(client["stream"])
+        set_rng_state(client["rng"][self.rank % len(client["rng"])])
+        if self.load_tag != tag:
+            dist.barrier()
+            if self.rank == 0:
+                shutil.rmtree(self.ckpt_dir / self.load_tag, ignore_errors=True)
+                (self.ckpt_dir / "latest_universal").unlink(missing_ok=True)
+        self.truncate_metrics(self.step)
         return True
+
+    def truncate_metrics(self, step: int) -> None:
+        """Keep the metrics of steps <= `step` (the ones this run will not recompute); a torn line — the run was
+        killed while writing it — and anything after it is dropped."""
+        if self.rank != 0 or not self.metrics_path.exists():
+            return
+        kept = []
+        for line in self.metrics_path.read_text(errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                break
+            if not isinstance(rec, dict) or not isinstance(rec.get("step"), int) or rec["step"] > step:
+                break
+            kept.append(line)
+        ckpt.write_atomic(self.metrics_path, "".join(f"{line}\n" for line in kept))
+
+    def previous_last(self) -> dict | None:
+        """The last record of a run that had already finished (this invocation trained no step)."""
+        try:
+            return json.loads((self.run_dir / "summary.json").read_text()).get("last")
+        except (OSError, ValueError, AttributeError):
+            pass
+        lines = self.metrics_path.read_text().splitlines() if self.metrics_path.exists() else []
+        return json.loads(lines[-1]) if lines else None
 
     @property
     def tokens_seen(self) -> int:
@@ -381,21 +525,17 @@ class Trainer:
             labels = labels.masked_fill(~keep, -100)
         return inputs, labels
 
-    def train_step(self, batches) -> torch.Tensor:
-        """One optimizer step: `grad_accum` micro-batches through DeepSpeed. Returns the mean loss (no host sync)."""
-        total = torch.zeros((), device=self.device)
-        for _ in range(self.grad_accum):
-            inputs, labels = self.inputs_and_labels(next(batches))
-            loss = self.engine(inputs, labels)
-            self.engine.backward(loss)
-            fault(f"step:{self.step + 1}")
-            self.engine.step()
-            total += loss.detach().float()
-        return total / self.grad_accum
+    def train_step(self, batches) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step over the next `grad_accum` micro-batches; (this rank's summed token loss, the step's
+        valid tokens over all ranks), both on the device, no host sync."""
+        raw = [next(batches) for _ in range(self.grad_accum)]
+        self.digest = rows_digest([b[0] if isinstance(b, tuple) else b for b in raw], self.stream.first_row)
+        micro = [self.inputs_and_labels(b) for b in raw]
+        return token_weighted_step(self.engine, micro, fault_point=f"step:{self.step + 1}")
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean validation loss over `eval_batches` micro-batches per rank, averaged across ranks."""
+        """Validation loss per target token over `eval_batches` micro-batches per rank and all ranks."""
         from phi_train.data import TokenStream
 
         t, d = self.conf.train, self.conf.data
@@ -405,7 +545,7 @@ class Trainer:
         # fewer val shards than ranks: every rank reads them all (the mean is the same, just computed redundantly)
         rank, world = (self.rank, self.world) if n_val >= self.world else (0, 1)
         val = TokenStream(
-            d.path, "val", seq_len=self.seq_len, micro_batch_size=t.micro_batch_size, rank=rank,
+            self.data_path, "val", seq_len=self.seq_len, micro_batch_size=t.micro_batch_size, rank=rank,
             world_size=world, num_workers=0, seed=d.seed, shuffle_buffer=1, on_bad_shard=d.on_bad_shard, loop=False,
         )  # fmt: skip
         # One finite pass, at most eval_batches; every rank then runs the same number of forwards (ZeRO-3 gathers
@@ -416,13 +556,14 @@ class Trainer:
         if n.item() == 0:
             return float("nan")
         self.engine.eval()
-        total = torch.zeros(2, device=self.device)
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
         for batch in batches[: n.item()]:
-            total[0] += self.engine(*self.inputs_and_labels(batch)).float()
-            total[1] += 1
+            inputs, labels = self.inputs_and_labels(batch)
+            total[0] += summed_loss(self.engine(inputs), labels)
+            total[1] += (labels != -100).sum()
         self.engine.train()
         dist.all_reduce(total)
-        return (total[0] / total[1]).item()
+        return (total[0] / total[1].clamp(min=1)).item()
 
     # ---------------------------------------------------------------- logging
     @contextlib.contextmanager
@@ -441,9 +582,13 @@ class Trainer:
         """Write every pending step's loss (one host sync for the whole interval) and return the last record."""
         if not self.pending:
             return None
-        losses = torch.stack([p[1] for p in self.pending])
-        dist.all_reduce(losses)
-        losses = (losses / self.world).tolist()  # waits for the device: the interval's steps are done
+        sums = torch.stack([p[1] for p in self.pending])
+        dist.all_reduce(sums)
+        counts = torch.stack([p[2] for p in self.pending]).clamp(min=1)
+        losses = (sums.double() / counts).tolist()  # waits for the device: the interval's steps are done
+        digests = torch.tensor([p[4] for p in self.pending], dtype=torch.int64, device=self.device)
+        dist.all_reduce(digests)  # int64 wraps mod 2**64, a multiple of 2**63: the sum mod 2**63 stays exact
+        digests = [f"{d % 2**63:016x}" for d in digests.tolist()]
         # wall time since the last flush, less evaluation and checkpointing: per-step host timers would only measure
         # how fast the host queues GPU work (no per-step sync by design)
         now = time.perf_counter()
@@ -453,14 +598,20 @@ class Trainer:
         tok_s = tokens / max(seconds, 1e-9)
         peak = device_peak_flops()
         rec = None
+        per_source = [n * self.seq_len for n in self.stream.stats["sequences_per_source"]]
         if self.rank == 0:
             with open(self.metrics_path, "a") as f:
-                for (step, _, lr), loss in zip(self.pending, losses):
-                    rec = {"step": step, "loss": loss, "lr": lr}
+                for (step, _, _, lr, _), loss, digest in zip(self.pending, losses, digests):
+                    rec = {"step": step, "loss": loss, "lr": lr, "batch_digest": digest}
+                    if step == self.step and len(per_source) > 1:  # known for the interval's last step only
+                        rec["tokens_seen_per_source"] = per_source
                     f.write(json.dumps(rec) + "\n")
             rec = {
                 **rec,
                 "tokens_seen": self.tokens_seen,
+                **({"tokens_seen_per_source": per_source} if len(per_source) > 1 else {}),
+                **({f"tokens_seen/source{i}": n for i, n in enumerate(per_source)} if len(per_source) > 1 else {}),
+                **({"epochs_per_source": self.stream.stats.get("epochs_per_source")} if len(per_source) > 1 else {}),
                 "tokens_per_s": tok_s,
                 "tokens_per_s_per_device": tok_s / self.world,
                 "grad_norm": float(self.engine.get_global_grad_norm() or float("nan")),
@@ -468,7 +619,7 @@ class Trainer:
                 **(extra or {}),
             }
             if self.wandb is not None:
-                self.wandb.log({k: v for k, v in rec.items() if v is not None}, step=rec["step"])
+                self.wandb.log({k: v for k, v in rec.items() if isinstance(v, (int, float))}, step=rec["step"])
         self.pending.clear()
         return rec
 
@@ -511,9 +662,9 @@ class Trainer:
         self.interval_start, self.paused = time.perf_counter(), 0.0
         while self.step < t.max_steps:
             lr = self.scheduler.get_last_lr()[0]
-            loss = self.train_step(batches)
+            loss_sum, n_tokens = self.train_step(batches)
             self.step += 1
-            self.pending.append((self.step, loss, lr))
+            self.pending.append((self.step, loss_sum, n_tokens, lr, self.digest))
             extra = {}
             if self.step % t.eval_every == 0 or self.step == t.max_steps:
                 with self.off_the_clock():
@@ -541,6 +692,8 @@ class Trainer:
                 bar.update(1)
         if bar is not None:
             bar.close()
+        if last is None and self.rank == 0:
+            last = self.previous_last()
         final_tag = ckpt.tag_for(self.step)
         if self.rank == 0 and not (self.ckpt_dir / final_tag / ckpt.FP32).exists():
             ckpt.save_fp32(self.ckpt_dir, final_tag)

@@ -77,3 +77,91 @@ def test_checkpoint_with_kernel_choices_in_its_model_meta_still_resumes_and_load
     with pytest.raises(ConfigError, match="meta.json model keys n_kv_head are not model settings") as err:
         load_model_state(ckpt)
     assert "\n" not in str(err.value)
+
+
+# ---------------------------------------------------------------- checkpoints that prove themselves
+
+
+@pytest.fixture()
+def two_checkpoints(tmp_path, tokenizer_path):
+    """ckpt_dir with complete checkpoints at steps 2 and 4 (4 = latest), each with checksums in its meta.json."""
+    import shutil
+
+    torch.manual_seed(0)
+    ckpt_dir = tmp_path / "checkpoints"
+    save_inference(ckpt_dir, PhiModel(tiny()), tokenizer_path, step=2)
+    shutil.copytree(ckpt_dir / "global_step000002", tmp_path / "keep")
+    save_inference(ckpt_dir, PhiModel(tiny()), tokenizer_path, step=4)  # prunes step 2 (keep_last=1): put it back
+    shutil.copytree(tmp_path / "keep", ckpt_dir / "global_step000002")
+    return ckpt_dir
+
+
+def _flip(path):
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    data[mid : mid + 4096] = bytes(b ^ 0xFF for b in data[mid : mid + 4096])  # 4 KiB flipped, size unchanged
+    path.write_bytes(bytes(data))
+
+
+CORRUPTIONS = {
+    "bit-flip": (lambda d: _flip(d / "model_fp32.safetensors"), "sha256"),
+    "truncated": (lambda d: os.truncate(d / "model_fp32.safetensors", 1000), "truncated"),
+    "file-missing": (lambda d: (d / "model_fp32.safetensors").unlink(), "is missing"),
+    "empty-meta": (lambda d: (d / META).write_text(""), "not valid JSON"),
+    "meta-not-a-checkpoint": (lambda d: (d / META).write_text("[1, 2]"), "lacks"),
+    "meta-missing": (lambda d: (d / META).unlink(), "meta.json is missing"),
+    "binary-meta": (lambda d: (d / META).write_bytes(b"\xff\xfe\x00"), "not valid JSON"),
+}
+
+
+@pytest.mark.parametrize("how", list(CORRUPTIONS))
+def test_corrupt_newest_checkpoint_falls_back_in_one_line(two_checkpoints, how):
+    from phi_train.checkpoint import newest_usable
+
+    damage, word = CORRUPTIONS[how]
+    damage(two_checkpoints / "global_step000004")
+    lines = []
+    assert newest_usable(two_checkpoints, warn=lines.append) == "global_step000002"
+    assert len(lines) == 1 and "\n" not in lines[0], lines
+    assert word in lines[0] and "global_step000004" in lines[0] and "resuming from global_step000002" in lines[0]
+    _, _, meta = load_model_state(two_checkpoints)  # inference/init_from fall back the same way
+    assert meta["step"] == 2
+
+
+def test_intact_checkpoints_verify_and_every_file_is_listed(two_checkpoints):
+    from phi_train.checkpoint import newest_usable, verify
+
+    lines = []
+    assert newest_usable(two_checkpoints, warn=lines.append) == "global_step000004" and not lines
+    meta = json.loads((two_checkpoints / "global_step000004" / META).read_text())
+    on_disk = {p.name for p in (two_checkpoints / "global_step000004").iterdir()} - {META}
+    assert set(meta["files"]) == on_disk and verify(two_checkpoints, "global_step000004") is None
+
+
+def test_latest_naming_a_missing_tag_falls_back(two_checkpoints):
+    import shutil
+
+    from phi_train.checkpoint import newest_usable
+
+    shutil.rmtree(two_checkpoints / "global_step000004")
+    (two_checkpoints / "latest").write_text("global_step000009")
+    lines = []
+    assert newest_usable(two_checkpoints, warn=lines.append) == "global_step000002"
+    assert len(lines) == 1 and "global_step000009" in lines[0]
+
+
+def test_nothing_usable_is_one_line_error_and_nothing_committed_is_a_fresh_start(two_checkpoints, tmp_path):
+    from phi_train.checkpoint import newest_usable
+
+    for tag in ("global_step000002", "global_step000004"):
+        _flip(two_checkpoints / tag / "model_fp32.safetensors")
+    with pytest.raises(ConfigError, match="no usable checkpoint .* train.resume=false") as err:
+        newest_usable(two_checkpoints)
+    assert "\n" not in str(err.value) and "global_step000002" in str(err.value)
+    with pytest.raises(ConfigError, match="unusable: .*sha256"):
+        load_model_state(two_checkpoints / "global_step000004")  # a tag named explicitly: no fallback, one line
+    # killed during its very first save: a tag directory without meta.json and no `latest` is no checkpoint at all
+    (tmp_path / "fresh" / "global_step000002").mkdir(parents=True)
+    (tmp_path / "fresh" / "global_step000002" / "mp_rank_00_model_states.pt").write_bytes(b"half")
+    assert newest_usable(tmp_path / "fresh") is None
+    assert newest_usable(tmp_path / "nothing-here") is None

@@ -210,3 +210,132 @@ def test_configuration_errors_are_one_line(demo_shards, tmp_path):
         make(demo_shards.path, split="val", world_size=4, num_workers=2)
     with pytest.raises(DataError, match="split 'test'"):
         make(demo_shards.path, split="test")
+
+
+# ---------------------------------------------------------------- global batches independent of the world size
+G = 12
+# small shards (353 sequences in 4 shards), so that every reader crosses epoch boundaries within a few dozen batches
+SMALL = str(Path(__file__).resolve().parent / "assets" / "golden" / "shards")
+
+
+def global_stream(path: str, rank: int = 0, world: int = 1, workers: int = 0, **kw):
+    from phi_train.data import GlobalBatchStream
+
+    args = {"seq_len": 64, "global_batch_size": G, "micro_batch_size": 2, "rank": rank, "world_size": world,
+            "readers": None, "num_workers": workers, "seed": 7, "shuffle_buffer": 64}  # fmt: skip
+    return GlobalBatchStream(path, **{**args, **kw})
+
+
+def global_batches(path: str, world: int, workers: int, n: int, states=None) -> tuple[list[torch.Tensor], list]:
+    """n global batches as the `world` ranks see them together (each rank's slices in rank order), and the ranks'
+    states after them."""
+    per_rank, out_states = [], []
+    for rank in range(world):
+        s = global_stream(path, rank, world, workers)
+        if states is not None:
+            s.load_state_dict(states)
+        micro = take(s, n * s.accumulation)
+        per_rank.append([torch.cat(micro[i * s.accumulation : (i + 1) * s.accumulation]) for i in range(n)])
+        out_states.append(s.state_dict())
+    return [torch.cat([r[i] for r in per_rank]) for i in range(n)], out_states
+
+
+@pytest.fixture(scope="module")
+def global_reference():
+    s = global_stream(SMALL)
+    n = max(s.chunks_per_epoch(k, 0) for k in range(s.readers)) + 3  # every reader crosses its first epoch boundary
+    return global_batches(SMALL, 1, 0, n)[0]
+
+
+@pytest.mark.parametrize("world, workers", [(3, 2), (6, 0)])
+def test_global_batches_do_not_depend_on_world_size_or_workers(global_reference, world, workers):
+    got, _ = global_batches(SMALL, world, workers, len(global_reference))
+    assert all(torch.equal(a, b) for a, b in zip(got, global_reference))
+
+
+@pytest.mark.parametrize("before, after", [(2, 1), (2, 3), (1, 6)])
+def test_state_saved_on_n_ranks_resumes_exactly_on_m(global_reference, before, after):
+    cut = len(global_reference) // 2 + 1  # some readers are past their epoch boundary already
+    first, states = global_batches(SMALL, before, 1 if before == 2 else 0, cut)
+    rest, _ = global_batches(SMALL, after, 0, len(global_reference) - cut, states=states)
+    assert all(torch.equal(a, b) for a, b in zip(first + rest, global_reference))
+    assert global_stream(SMALL).readers == states[0]["readers"] == 4
+
+
+def test_global_stream_refuses_another_setup_and_bad_readers(demo_shards):
+    from phi_train.data import DataError
+
+    s = global_stream(demo_shards.path)
+    take(s, 3 * s.accumulation)
+    with pytest.raises(DataError, match="seed: saved 7, now 8") as exc:
+        global_stream(demo_shards.path, seed=8).load_state_dict(s.state_dict())
+    assert "\n" not in str(exc.value)
+    with pytest.raises(DataError, match="data.readers=5 must divide the global batch 12"):
+        global_stream(demo_shards.path, readers=5)
+    with pytest.raises(DataError, match="format"):
+        global_stream(demo_shards.path).load_state_dict(make(demo_shards.path).state_dict())
+
+
+# ---------------------------------------------------------------- weighted mixtures
+@pytest.fixture(scope="module")
+def two_sources(demo_shards, tmp_path_factory):
+    """Two shard sets with the demo tokenizer from disjoint halves of the demo corpus, and source b's rows."""
+    from data_tools.shard import write_shards
+
+    root = tmp_path_factory.mktemp("mix")
+    files = sorted(Path(demo_shards.corpus).iterdir())
+    out = {}
+    for name, part in (("a", files[:40]), ("b", files[40:60])):
+        (root / name).mkdir()
+        for f in part:
+            (root / name / f.name).symlink_to(f)
+        write_shards([str(root / name)], demo_shards.tokenizer, root / f"{name}-shards", seq_len=64,
+                     shard_sequences=48, val_fraction=0.0, workers=1, progress=False)  # fmt: skip
+        out[name] = str(root / f"{name}-shards")
+    manifest = read_manifest(out["b"])
+    rows_b = set(all_sequences(Path(out["b"]), "train", manifest))
+    return [{"path": out["a"], "weight": 0.8}, {"path": out["b"], "weight": 0.2}], rows_b
+
+
+def mixed(sources, rank=0, world=1, workers=0):
+    return global_stream(sources, rank, world, workers, readers=4, micro_batch_size=1, shuffle_buffer=8)
+
+
+def test_mixture_matches_its_weights_counts_per_source_and_resumes_exactly(two_sources):
+    sources, rows_b = two_sources
+    n = 24
+    ref = [torch.cat(take(mixed(sources), n * 12)[i * 12 : (i + 1) * 12]) for i in range(n)]
+    from_b = sum(tuple(r) in rows_b for b in ref for r in b.tolist())
+    total, chunks = n * 12, n * 4  # each chunk (3 sequences) is one draw of its source
+    sigma = (chunks * 0.2 * 0.8) ** 0.5
+    assert from_b % 3 == 0 and abs(from_b / 3 - 0.2 * chunks) < 4 * sigma, (from_b, total)  # binomial error
+    s = mixed(sources)
+    take(s, n * 12)
+    assert s.stats["sequences_per_source"] == [total - from_b, from_b]
+    # saved on 2 ranks (1 worker each) after 10 global batches, resumed on 3 ranks: the same global batches
+    states, got = [], [[] for _ in range(10)]
+    for rank in range(2):
+        st = mixed(sources, rank, 2, workers=1)
+        micro = take(st, 10 * 6)
+        for i in range(10):
+            got[i].append(torch.cat(micro[i * 6 : (i + 1) * 6]))
+        states.append(st.state_dict())
+    rest = [[] for _ in range(n - 10)]
+    for rank in range(3):
+        st = mixed(sources, rank, 3)
+        st.load_state_dict(states)
+        micro = take(st, (n - 10) * 4)
+        for i in range(n - 10):
+            rest[i].append(torch.cat(micro[i * 4 : (i + 1) * 4]))
+    assert all(torch.equal(torch.cat(a), b) for a, b in zip(got + rest, ref))
+    with pytest.raises(DataError, match="weights: saved"):
+        mixed([sources[0], {**sources[1], "weight": 0.3}]).load_state_dict(states)
+
+
+def test_mixture_refuses_bad_sources_in_one_line(two_sources, demo_shards, tmp_path):
+    sources, _ = two_sources
+    for bad, word in [([], "data.sources is empty"), ([{"path": sources[0]["path"], "weight": 0}], "weight > 0"),
+                      ([sources[0], {"path": str(tmp_path), "weight": 1}], "no shard manifest")]:  # fmt: skip
+        with pytest.raises(DataError, match=word) as exc:
+            mixed(bad)
+        assert "\n" not in str(exc.value)
