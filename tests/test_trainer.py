@@ -365,7 +365,7 @@ accum, out = int(args[0]), args[1]
 init_distributed()
 rank, world = dist.get_rank(), dist.get_world_size()
 sys.path.insert(0, args[2])
-from test_train import probe_batch, probe_model
+from test_trainer import probe_batch, probe_model
 model = probe_model()
 w0 = {k: v.detach().clone() for k, v in model.named_parameters()}
 mbs = 8 // (world * accum)
