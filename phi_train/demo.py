@@ -298,6 +298,13 @@ def figure_codetextbook() -> str:
     return f"kept {s['kept']} of {s['in']} files, ~{fmt_tokens(s['kept_tokens_approx'])} tokens{auc}"
 
 
+def figure_quality() -> str:
+    q = read_json(DATA / "codetextbook_work" / "quality.json")
+    f, c = q["pipeline_forest"], q["constant_predictor"]
+    return (f"held-out {q['n_held_out']} files: forest acc {f['accuracy']:.2f} (constant {c['accuracy']:.2f}), "
+            f"AUC {f['roc_auc']:.2f}")  # fmt: skip
+
+
 def figure_tokenizer() -> str:
     return f"vocab {VOCAB_SIZE}"
 
@@ -457,6 +464,23 @@ def stages() -> list[Stage]:
             figure_codetextbook,
             codetextbook_progress,
             log_name="codetextbook",
+        ),  # fmt: skip
+        Stage(
+            "filter quality (held-out files)",
+            # files the forest never saw, labelled by the same annotator: is the filter better than a constant?
+            [
+                PY,
+                "-m",
+                "data_tools.codetextbook.quality",
+                "--config-name",
+                "demo",
+                *CODETEXTBOOK_OVERRIDES,
+                "quality.embedders=[hashing]",
+                "quality.held_out=100",
+            ],
+            DATA / "codetextbook_work" / "quality.json",
+            figure_quality,
+            log_name="quality",
         ),  # fmt: skip
         Stage("tokenizer", tokenizer_cmd(corpus, tokenizer.parent), tokenizer, figure_tokenizer),
         Stage(
